@@ -1,0 +1,172 @@
+"""Command line.  The only module that prints for the user or exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import mount as mountmod
+from .errors import UnionfuseError, UsageError
+
+SUBCOMMANDS = ("mount", "umount", "unmount")
+
+log = logging.getLogger("unionfuse")
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="unionfuse[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="unionfuse",
+        description="A union filesystem (FUSE) with overlayfs semantics.",
+        epilog="mount(8) helper form: unionfuse SOURCE MOUNTPOINT -o OPTIONS "
+        "(what `mount -t fuse.unionfuse` runs).",
+    )
+    p.add_argument("--debug", action="store_true", help="log every step to stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    m = sub.add_parser(
+        "mount",
+        help="mount a merged view of layers",
+        description="Mount lower layers (read-only, first --lower is the top-most) and an "
+        "optional writable upper dir at MOUNTPOINT. Without --upper/--work the mount is "
+        "read-only. Returns once the mount is live, leaving the daemon in the background, "
+        "unless --foreground.",
+    )
+    m.add_argument("--lower", action="append", default=[], metavar="DIR",
+                   help="a read-only layer; repeat, top-most first")
+    m.add_argument("--upper", metavar="DIR", help="writable layer that receives changes")
+    m.add_argument("--work", metavar="DIR", help="scratch dir on the upper's filesystem")
+    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   help="overlay-style options: lowerdir=L1:L2,upperdir=U,workdir=W,"
+                   "whiteout=overlay|oci,timeout=SECONDS, and mount flags (ro, nosuid, ...)")
+    m.add_argument("--whiteout", choices=("overlay", "oci"),
+                   help="whiteout form to write (default: overlay if mknod works, else oci)")
+    m.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="kernel attribute/entry cache timeout (default 60)")
+    m.add_argument("--config", metavar="FILE",
+                   help="read KEY=VALUE settings (lowerdir, upperdir, workdir, mountpoint, "
+                   "whiteout, options, timeout) from FILE")
+    m.add_argument("-f", "--foreground", action="store_true", help="stay attached")
+    m.add_argument("--log", metavar="FILE", help="daemon log file when in the background")
+    m.add_argument("--debug", action="store_true", dest="sub_debug", help=argparse.SUPPRESS)
+    m.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
+
+    u = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon",
+                       description="Unmount a unionfuse mount and wait for its daemon to exit.")
+    u.add_argument("-l", "--lazy", action="store_true", help="detach even if busy")
+    u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    return p
+
+
+def _spec_from_args(a: argparse.Namespace) -> mountmod.MountSpec:
+    spec = mountmod.MountSpec(mountpoint=a.mountpoint or "", lowers=list(a.lower))
+    if a.config:
+        cfg = mountmod.read_config(a.config)
+        if cfg.get("options"):
+            mountmod.apply_options(spec, mountmod.split_options(cfg["options"]))
+        keys = [f"{k}={cfg[k]}" for k in ("lowerdir", "upperdir", "workdir", "whiteout", "timeout") if k in cfg]
+        mountmod.apply_options(spec, keys)
+        if not spec.mountpoint:
+            spec.mountpoint = cfg.get("mountpoint", "")
+    for o in a.options:
+        mountmod.apply_options(spec, mountmod.split_options(o))
+    if a.lower:
+        spec.lowers = list(a.lower)
+    if a.upper:
+        spec.upper = a.upper
+    if a.work:
+        spec.work = a.work
+    if a.whiteout:
+        spec.whiteout = a.whiteout
+    if a.timeout is not None:
+        spec.timeout = a.timeout
+    if not spec.mountpoint:
+        raise UsageError("no mount point given")
+    return spec
+
+
+def _spec_argv(spec: mountmod.MountSpec, debug: bool) -> list[str]:
+    argv = []
+    for low in spec.lowers:
+        argv += ["--lower", os.path.abspath(low)]
+    if spec.upper:
+        argv += ["--upper", os.path.abspath(spec.upper), "--work", os.path.abspath(spec.work)]
+    if spec.whiteout:
+        argv += ["--whiteout", spec.whiteout]
+    argv += ["--timeout", str(spec.timeout)]
+    if spec.fuse_flags:
+        argv += ["-o", ",".join(spec.fuse_flags)]
+    if debug:
+        argv.append("--debug")
+    argv.append(os.path.abspath(spec.mountpoint))
+    return argv
+
+
+def cmd_mount(a: argparse.Namespace, debug: bool) -> int:
+    spec = _spec_from_args(a)
+    spec.check()
+    if a.foreground:
+        return mountmod.serve(spec)
+    mountmod.spawn_background(_spec_argv(spec, debug), log_file=a.log)
+    return 0
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    mountmod.unmount(a.mountpoint, timeout=a.timeout, lazy=a.lazy)
+    return 0
+
+
+def helper_main(argv: list[str]) -> int:
+    """``unionfuse SOURCE MOUNTPOINT -o OPTS`` as run by mount.fuse3."""
+    hp = argparse.ArgumentParser(prog="unionfuse", add_help=False)
+    hp.add_argument("source")
+    hp.add_argument("mountpoint")
+    hp.add_argument("-o", dest="options", action="append", default=[])
+    hp.add_argument("-f", dest="foreground", action="store_true")
+    hp.add_argument("-n", dest="nomtab", action="store_true")  # accepted, like mount.fuse
+    hp.add_argument("-v", dest="verbose", action="store_true")
+    a = hp.parse_args(argv)
+    spec = mountmod.MountSpec(mountpoint=a.mountpoint, lowers=[])
+    for o in a.options:
+        mountmod.apply_options(spec, mountmod.split_options(o))
+    spec.check()
+    if a.foreground:
+        return mountmod.serve(spec)
+    mountmod.spawn_background(_spec_argv(spec, False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS and len(argv) >= 2:
+            _setup_logging(False)
+            return helper_main(argv)
+        parser = build_parser()
+        a = parser.parse_args(argv)
+        debug = a.debug or getattr(a, "sub_debug", False)
+        _setup_logging(debug)
+        if a.command == "mount":
+            return cmd_mount(a, debug)
+        if a.command in ("umount", "unmount"):
+            return cmd_umount(a)
+        parser.print_help(sys.stderr)
+        return 2
+    except UnionfuseError as e:
+        print(f"unionfuse: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

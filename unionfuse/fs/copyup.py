@@ -1,0 +1,166 @@
+"""Copy-up and other real-filesystem helpers (blocking; called off the event loop when
+they may take long).
+
+A copy is always built under the work dir and renamed into place, so the upper dir
+never holds a half-made file.  Order that keeps suid bits and capabilities:
+data -> chown -> chmod -> xattrs -> times -> rename.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import uuid
+
+from .union import is_private_xattr
+
+FICLONE = 0x40049409
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+AT_FDCWD = -100
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_renameat2.restype = ctypes.c_int
+
+
+def renameat2(src: bytes, dst: bytes, flags: int) -> None:
+    if _renameat2(AT_FDCWD, src, AT_FDCWD, dst, flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), src, None, dst)
+
+
+class WorkDir:
+    """The daemon's scratch space inside the work dir (same filesystem as the upper)."""
+
+    def __init__(self, work: bytes):
+        self.base = os.path.join(work, b"unionfuse")
+        self.tmp = os.path.join(self.base, b"tmp")
+        self.index = os.path.join(self.base, b"index")
+        for d in (self.base, self.tmp, self.index):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        # Leftovers of a crash mid-operation: never referenced by the upper dir.
+        for name in os.listdir(self.tmp):
+            remove_tree(os.path.join(self.tmp, name))
+
+    def tmpname(self) -> bytes:
+        return os.path.join(self.tmp, uuid.uuid4().hex.encode())
+
+
+def remove_tree(path: bytes) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        for name in os.listdir(path):
+            remove_tree(os.path.join(path, name))
+        os.rmdir(path)
+    else:
+        os.unlink(path)
+
+
+def copy_xattrs(src: bytes, dst: bytes) -> None:
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        bname = name.encode()
+        if is_private_xattr(bname):
+            continue
+        try:
+            value = os.getxattr(src, name, follow_symlinks=False)
+            os.setxattr(dst, name, value, follow_symlinks=False)
+        except OSError as e:
+            # e.g. a security.* label the upper fs can't store: overlayfs skips too
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                raise
+
+
+def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+        return
+    except OSError:
+        pass
+    off = 0
+    try:
+        while off < size:
+            n = os.copy_file_range(src_fd, dst_fd, size - off, off, off)
+            if n == 0:
+                break
+            off += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while True:
+        buf = os.pread(src_fd, 1 << 20, off)
+        if not buf:
+            break
+        os.pwrite(dst_fd, buf, off)
+        off += len(buf)
+
+
+def set_meta(path: bytes, st: os.stat_result, src_for_xattrs: bytes | None) -> None:
+    """chown -> chmod -> xattrs -> times, in the order that keeps suid and caps."""
+    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+    if src_for_xattrs is not None:
+        copy_xattrs(src_for_xattrs, path)
+
+
+def set_times(path: bytes, st: os.stat_result) -> None:
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def make_copy(src: bytes, st: os.stat_result, tmp: bytes, data: bool, xattrs: dict[bytes, bytes]) -> None:
+    """Build a copy of *src* at *tmp* (in the work dir).  Blocking."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                if data and st.st_size:
+                    copy_data(sfd, dfd, st.st_size)
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink(src), tmp)
+    elif stat.S_ISDIR(mode):
+        os.mkdir(tmp, 0o700)
+    else:
+        os.mknod(tmp, mode, st.st_rdev)
+    set_meta(tmp, st, src)
+    for k, v in xattrs.items():
+        os.setxattr(tmp, k, v, follow_symlinks=False)
+    set_times(tmp, st)
+
+
+def preserve_dir_times(path: bytes):
+    """Context helper: restore a dir's atime/mtime after we add or move entries in it
+    as part of a copy-up (which must not look like a change to the user)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return lambda: None
+
+    def restore() -> None:
+        try:
+            set_times(path, st)
+        except OSError:
+            pass
+
+    return restore

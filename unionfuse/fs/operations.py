@@ -1,0 +1,1030 @@
+"""The FUSE side: a thin pyfuse3.Operations over the union rules.
+
+Handlers resolve names with :mod:`.union`, keep identities in :mod:`.inodes`, and do
+real work on the upper/lower dirs.  OSError becomes FUSEError only here, at the edge
+(see ``_fuse_edge``); any other exception is logged and answered with EIO so that a bug
+in one handler never takes the mount down.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+
+from . import copyup
+from .copyup import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from .inodes import ROOT_INODE, InodeTable, Node
+from .union import (
+    WH_OPAQUE,
+    WH_PREFIX,
+    Entry,
+    Layers,
+    check_name,
+    dir_meta,
+    is_private_xattr,
+    is_whiteout_stat,
+    join,
+    lstat_or_none,
+)
+
+log = logging.getLogger("unionfuse.fs")
+
+# Copies bigger than this run in a worker thread (a blocking copy would stall every
+# request: pyfuse3 serves all of them from one thread).
+INLINE_COPY_MAX = 256 * 1024
+
+
+class Handle:
+    __slots__ = ("fd", "node", "upper")
+
+    def __init__(self, fd: int, node: Node, upper: bool):
+        self.fd = fd
+        self.node = node
+        self.upper = upper
+
+
+class DirHandle:
+    __slots__ = ("node", "names", "read")
+
+    def __init__(self, node: Node, names: list[bytes]):
+        self.node = node
+        self.names = names
+        self.read = False
+
+
+def _fuse_edge(fn):
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s%r -> %s", name, args[:-1] if args else args, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except BaseException:
+            log.exception("bug in %s handler (answered EIO)", name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class UnionOperations(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(
+        self,
+        lowers: list[bytes],
+        upper: bytes | None = None,
+        work: bytes | None = None,
+        whiteout: str | None = None,
+        timeout: float = 60.0,
+    ):
+        super().__init__()
+        if (upper is None) != (work is None):
+            raise ValueError("upper and work dirs go together")
+        if not lowers and upper is None:
+            raise ValueError("need at least one layer")
+        self.layers = Layers(upper, lowers)
+        self.rw = upper is not None
+        self.timeout = timeout
+        self.work = copyup.WorkDir(work) if work is not None else None
+        self.ns = self._pick_xattr_ns()
+        self.whiteout = whiteout or self._default_whiteout()
+        if self.whiteout not in ("overlay", "oci"):
+            raise ValueError(f"unknown whiteout form {self.whiteout!r}")
+        self.origin_xattr = self.ns + b"unionfuse.origin"
+        self.nlink_xattr = self.ns + b"unionfuse.nlink"
+        self.opaque_xattr = self.ns + b"overlay.opaque"
+        self.redirect_xattr = self.ns + b"overlay.redirect"
+        top = upper if upper is not None else lowers[0]
+        top_st = os.stat(top)
+        self.layer_ids = [os.stat(r).st_ino if r is not None else 0 for r in self.layers.roots]
+        self.table = InodeTable(top_st.st_dev)
+        root = self.table.add_root((top_st.st_dev, top_st.st_ino))
+        root.in_upper = self.rw
+        for i in range(1, self.layers.nlower + 1):
+            root.lowers.append((i, b""))
+            if dir_meta(self.layers.real(i, b"")).opaque:
+                break
+        if self.rw and dir_meta(self.layers.upper(b"")).opaque:
+            root.lowers = []
+        self.handles: dict[int, Handle | DirHandle] = {}
+        self._next_fh = 1
+        self._rename_whiteout = self.whiteout == "overlay"
+
+    # -- set-up helpers ---------------------------------------------------------------
+
+    def _pick_xattr_ns(self) -> bytes:
+        if self.work is None:
+            return b"trusted."
+        try:
+            os.setxattr(self.work.base, b"trusted.unionfuse.probe", b"1")
+            os.removexattr(self.work.base, b"trusted.unionfuse.probe")
+            return b"trusted."
+        except OSError:
+            return b"user."
+
+    def _default_whiteout(self) -> str:
+        if self.work is None:
+            return "overlay"
+        tmp = self.work.tmpname()
+        try:
+            os.mknod(tmp, stat.S_IFCHR | 0o600, 0)
+        except OSError:
+            return "oci"
+        os.unlink(tmp)
+        return "overlay"
+
+    # -- node helpers -----------------------------------------------------------------
+
+    def _node(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if node is None:
+            raise _err(errno.ENOENT)
+        return node
+
+    def _path(self, node: Node) -> bytes:
+        p = node.path()
+        if p is None:
+            raise _err(errno.ENOENT)
+        return p
+
+    def _up(self, rel: bytes) -> bytes:
+        return self.layers.upper(rel)
+
+    def _index_path(self, name: bytes) -> bytes:
+        assert self.work is not None
+        return os.path.join(self.work.index, name)
+
+    def _real(self, node: Node) -> bytes | None:
+        """Where the node's data and metadata live now (None: no name and no index)."""
+        if node.is_dir:
+            if node.in_upper:
+                p = node.path()
+                return None if p is None else self._up(p)
+            i, rel = node.lowers[0]
+            return self.layers.real(i, rel)
+        if node.index is not None and node.in_upper:
+            return self._index_path(node.index)
+        if node.in_upper:
+            p = node.path()
+            return None if p is None else self._up(p)
+        if node.lowers:
+            i, rel = node.lowers[0]
+            return self.layers.real(i, rel)
+        return None
+
+    def _stat(self, node: Node) -> os.stat_result:
+        real = None if node.deleted else self._real(node)
+        if real is not None:
+            try:
+                st = os.lstat(real)
+                node.last_st = st
+                return st
+            except FileNotFoundError:
+                if not node.handles:
+                    raise
+        for h in node.handles:
+            if isinstance(h, Handle):
+                return os.fstat(h.fd)
+        if node.last_st is not None:
+            return node.last_st
+        raise _err(errno.ENOENT)
+
+    def _nlink(self, node: Node, st: os.stat_result) -> int:
+        if node.deleted:
+            return 0
+        if node.is_dir:
+            merged = len(node.lowers) + (1 if node.in_upper else 0) > 1
+            return 1 if merged else st.st_nlink
+        if node.index is not None:
+            if node.in_upper:
+                try:
+                    return int(os.getxattr(self._index_path(node.index), self.nlink_xattr))
+                except (OSError, ValueError):
+                    return max(1, st.st_nlink - 1)
+        return st.st_nlink
+
+    def _entry(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        if st is None:
+            st = self._stat(node)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = 0
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = self._nlink(node, st)
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.timeout
+        return e
+
+    def _check_rw(self) -> None:
+        if not self.rw:
+            raise _err(errno.EROFS)
+
+    def _resolve(self, parent: Node, name: bytes) -> tuple[bytes, Entry]:
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR)
+        ppath = self._path(parent)
+        return ppath, self.layers.resolve(ppath if parent.in_upper else None, parent.lowers, name)
+
+    def _origin(self, upper_real: bytes) -> tuple[tuple[int, int], bytes | None] | None:
+        try:
+            v = os.getxattr(upper_real, self.origin_xattr, follow_symlinks=False)
+        except OSError:
+            return None
+        parts = v.split(b":")
+        try:
+            key = (int(parts[0]), int(parts[1]))
+        except (ValueError, IndexError):
+            return None
+        return key, (parts[2] if len(parts) > 2 and parts[2] else None)
+
+    def _group_name(self, ent: Entry) -> bytes | None:
+        """Hard-link group (index) name of a lower regular file with several links."""
+        st = ent.st
+        if ent.in_upper or not ent.lowers or self.work is None:
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            return None
+        idx = ent.lowers[0][0]
+        return b"%x-%x" % (self.layer_ids[idx], st.st_ino)
+
+    def _node_for(self, parent: Node, ppath: bytes, name: bytes, ent: Entry) -> Node:
+        """The node a resolved entry stands for, registered under (parent, name)."""
+        st = ent.st
+        group = None
+        key = (st.st_dev, st.st_ino)
+        if ent.in_upper:
+            origin = self._origin(self._up(join(ppath, name)))
+            if origin is not None:
+                key, group = origin
+        else:
+            group = self._group_name(ent)
+        node = self.table.find(key)
+        if node is None or node.is_dir != ent.is_dir:
+            node = self.table.new(key, ent.is_dir)
+        node.lowers = ent.lowers if (ent.is_dir or not ent.in_upper or not node.lowers) else node.lowers
+        if group is not None:
+            node.index = group
+            node.in_upper = os.path.lexists(self._index_path(group))
+            self.table.add_alias(node, parent, name)
+            if node.in_upper and not ent.in_upper:
+                # the group was copied up: this alias must show (and keep) the same inode
+                self._link_alias(node, parent, name)
+        else:
+            node.in_upper = ent.in_upper
+            self.table.add_alias(node, parent, name)
+        node.last_st = st
+        return node
+
+    # -- copy-up ----------------------------------------------------------------------
+
+    def _copy_up_dir(self, node: Node) -> None:
+        """Make a dir exist in the upper layer (parents first).  Metadata only."""
+        if node.in_upper:
+            return
+        self._check_rw()
+        parent = node.parent
+        if parent is None:
+            raise _err(errno.ENOENT)
+        self._copy_up_dir(parent)
+        i, rel = node.lowers[0]
+        src = self.layers.real(i, rel)
+        st = os.lstat(src)
+        tmp = self.work.tmpname()
+        origin = b"%d:%d" % node.key
+        try:
+            copyup.make_copy(src, st, tmp, False, {self.origin_xattr: origin})
+            pdir = self._up(self._path(parent))
+            restore = copyup.preserve_dir_times(pdir)
+            os.rename(tmp, os.path.join(pdir, node.name))
+            restore()
+        except BaseException:
+            copyup.remove_tree(tmp)
+            raise
+        node.in_upper = True
+
+    async def _copy_up(self, node: Node, data: bool = True) -> None:
+        if node.in_upper:
+            return
+        self._check_rw()
+        if node.is_dir:
+            self._copy_up_dir(node)
+            return
+        if node.lock is None:
+            node.lock = trio.Lock()
+        async with node.lock:
+            if node.in_upper:
+                return
+            if not node.lowers:
+                raise _err(errno.ENOENT)
+            i, rel = node.lowers[0]
+            src = self.layers.real(i, rel)
+            st = os.lstat(src)
+            xattrs = {self.origin_xattr: b"%d:%d:%s" % (*node.key, node.index or b"")}
+            if node.index is not None:
+                xattrs[self.nlink_xattr] = b"%d" % st.st_nlink
+            tmp = self.work.tmpname()
+            try:
+                if data and stat.S_ISREG(st.st_mode) and st.st_size > INLINE_COPY_MAX:
+                    await trio.to_thread.run_sync(copyup.make_copy, src, st, tmp, True, xattrs)
+                else:
+                    copyup.make_copy(src, st, tmp, data, xattrs)
+                # Finalise without awaiting: names may have moved while we copied.
+                if node.index is not None:
+                    os.rename(tmp, self._index_path(node.index))
+                    node.in_upper = True
+                    for parent, name in list(node.aliases):
+                        self._link_alias(node, parent, name)
+                else:
+                    if not node.aliases:
+                        raise _err(errno.ENOENT)
+                    parent, name = node.aliases[0]
+                    self._copy_up_dir(parent)
+                    pdir = self._up(self._path(parent))
+                    restore = copyup.preserve_dir_times(pdir)
+                    os.rename(tmp, os.path.join(pdir, name))
+                    restore()
+                    node.in_upper = True
+            except BaseException:
+                copyup.remove_tree(tmp)
+                raise
+            self._reopen_handles(node)
+
+    def _link_alias(self, node: Node, parent: Node, name: bytes) -> None:
+        """Hard-link a copied-up group's index file into the upper at one alias."""
+        self._copy_up_dir(parent)
+        pdir = self._up(self._path(parent))
+        dst = os.path.join(pdir, name)
+        st = lstat_or_none(dst)
+        if st is not None and not is_whiteout_stat(st):
+            return
+        restore = copyup.preserve_dir_times(pdir)
+        tmp = self.work.tmpname()
+        os.link(self._index_path(node.index), tmp)
+        os.rename(tmp, dst)
+        restore()
+
+    def _reopen_handles(self, node: Node) -> None:
+        """Read handles opened on the lower file follow the copy-up."""
+        real = self._real(node)
+        for h in list(node.handles):
+            if isinstance(h, Handle) and not h.upper:
+                fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                os.dup2(fd, h.fd)
+                os.close(fd)
+                h.upper = True
+
+    # -- whiteouts and placing new entries --------------------------------------------
+
+    def _set_opaque(self, real_dir: bytes) -> None:
+        if self.whiteout == "overlay":
+            os.setxattr(real_dir, self.opaque_xattr, b"y")
+        else:
+            os.close(os.open(os.path.join(real_dir, WH_OPAQUE), os.O_CREAT | os.O_WRONLY, 0o600))
+
+    def _make_whiteout(self, ppath: bytes, name: bytes) -> None:
+        """A whiteout at a free name in the upper (the parent is there already)."""
+        if self.whiteout == "overlay":
+            os.mknod(self._up(join(ppath, name)), stat.S_IFCHR | 0o000, 0)
+        else:
+            fd = os.open(self._up(join(ppath, WH_PREFIX + name)), os.O_CREAT | os.O_WRONLY, 0o000)
+            os.close(fd)
+
+    def _whiteout_upper(self, ppath: bytes, name: bytes, is_dir: bool) -> None:
+        """Atomically turn an upper entry into a whiteout."""
+        dst = self._up(join(ppath, name))
+        if self.whiteout == "overlay":
+            tmp = self.work.tmpname()
+            os.mknod(tmp, stat.S_IFCHR | 0o000, 0)
+            if is_dir:
+                renameat2(tmp, dst, RENAME_EXCHANGE)
+                copyup.remove_tree(tmp)
+            else:
+                os.rename(tmp, dst)
+        else:
+            self._make_whiteout(ppath, name)
+            self._remove_upper(ppath, name, is_dir)
+
+    def _remove_upper(self, ppath: bytes, name: bytes, is_dir: bool) -> None:
+        dst = self._up(join(ppath, name))
+        if is_dir:
+            tmp = self.work.tmpname()
+            os.rename(dst, tmp)
+            copyup.remove_tree(tmp)
+        else:
+            os.unlink(dst)
+
+    def _clear_oci_whiteout(self, ppath: bytes, name: bytes) -> None:
+        try:
+            os.unlink(self._up(join(ppath, WH_PREFIX + name)))
+        except FileNotFoundError:
+            pass
+
+    def _place(self, tmp: bytes, ppath: bytes, name: bytes, is_dir: bool) -> None:
+        """Move a new entry built at *tmp* to *name*, replacing a whiteout there."""
+        dst = self._up(join(ppath, name))
+        st = lstat_or_none(dst)
+        if st is not None and is_whiteout_stat(st):
+            if is_dir:
+                renameat2(tmp, dst, RENAME_EXCHANGE)
+                os.unlink(tmp)
+            else:
+                os.rename(tmp, dst)
+        else:
+            renameat2(tmp, dst, RENAME_NOREPLACE)
+            self._clear_oci_whiteout(ppath, name)
+
+    def _owner(self, parent_real: bytes, ctx, mode: int, is_dir: bool) -> tuple[int, int, int]:
+        pst = os.lstat(parent_real)
+        gid = ctx.gid
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        return ctx.uid, gid, mode
+
+    async def _create_entry(self, parent: Node, name: bytes, ctx, mode: int, *, rdev: int = 0,
+                            target: bytes | None = None) -> tuple[Node, int | None]:
+        """mkdir/mknod/symlink/create: a new object at *name*, owned by the caller."""
+        check_name(name)
+        self._check_rw()
+        self._copy_up_dir(parent)
+        ppath, ent = self._resolve(parent, name)
+        if ent.found:
+            raise _err(errno.EEXIST)
+        pdir = self._up(ppath)
+        kind = stat.S_IFMT(mode)
+        is_dir = kind == stat.S_IFDIR
+        uid, gid, mode = self._owner(pdir, ctx, mode, is_dir)
+        dst = os.path.join(pdir, name)
+        path = self.work.tmpname() if (ent.upper_whiteout or is_dir) else dst
+        fd = None
+        try:
+            if kind == stat.S_IFREG:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, stat.S_IMODE(mode))
+            elif is_dir:
+                os.mkdir(path, stat.S_IMODE(mode))
+                if ent.upper_whiteout:
+                    self._set_opaque(path)
+            elif kind == stat.S_IFLNK:
+                os.symlink(target, path)
+            else:
+                os.mknod(path, mode, rdev)
+            os.chown(path, uid, gid, follow_symlinks=False)
+            if mode & (stat.S_ISUID | stat.S_ISGID) and kind != stat.S_IFLNK:
+                os.chmod(path, stat.S_IMODE(mode))
+            if path != dst:
+                self._place(path, ppath, name, is_dir)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            if path != dst:
+                copyup.remove_tree(path)
+            elif kind != stat.S_IFDIR:
+                try:
+                    os.unlink(dst)
+                except OSError:
+                    pass
+            raise
+        st = os.lstat(dst)
+        node = self.table.new((st.st_dev, st.st_ino), is_dir)
+        node.in_upper = True
+        node.last_st = st
+        self.table.add_alias(node, parent, name)
+        node.lookups += 1
+        return node, fd
+
+    # -- hard-link groups -------------------------------------------------------------
+
+    async def _group_add(self, node: Node, delta: int) -> None:
+        """Change a copied-up hard-link group's link count (copying it up first)."""
+        await self._copy_up(node)
+        ipath = self._index_path(node.index)
+        try:
+            n = int(os.getxattr(ipath, self.nlink_xattr))
+        except (OSError, ValueError):
+            n = os.lstat(ipath).st_nlink - 1
+        os.setxattr(ipath, self.nlink_xattr, b"%d" % max(0, n + delta))
+
+    # ================================================================================
+    # pyfuse3 handlers
+    # ================================================================================
+
+    async def lookup(self, parent_inode, name, ctx):
+        parent = self._node(parent_inode)
+        if name == b".":
+            node = parent
+        elif name == b"..":
+            node = parent.parent or parent
+        else:
+            if len(name) > 255:
+                raise _err(errno.ENAMETOOLONG)
+            if name.startswith(WH_PREFIX):
+                return self._negative()
+            ppath, ent = self._resolve(parent, name)
+            if not ent.found:
+                return self._negative()
+            node = self._node_for(parent, ppath, name, ent)
+            st = ent.st if not (node.index is not None and node.in_upper) else None
+            attrs = self._entry(node, st)
+            node.lookups += 1
+            return attrs
+        attrs = self._entry(node)
+        node.lookups += 1
+        return attrs
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            try:
+                self.table.forget(ino, n)
+            except Exception:  # pragma: no cover - never let forget fail
+                log.exception("forget(%d)", ino)
+
+    async def getattr(self, inode, ctx):
+        return self._entry(self._node(inode))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        self._check_rw()
+        h = self.handles.get(fh) if fh is not None else None
+        if not isinstance(h, Handle):
+            h = None
+        if not node.in_upper:
+            trunc = fields.update_size and attr.st_size == 0 and not node.is_dir
+            await self._copy_up(node, data=not trunc)
+        use_fd = h is not None and (node.deleted or node.path() is None)
+        real = None if use_fd else self._real(node)
+        if real is None and h is None:
+            raise _err(errno.ENOENT)
+        target = h.fd if real is None else real
+        if fields.update_size:
+            if h is not None:
+                os.ftruncate(h.fd, attr.st_size)
+            else:
+                os.truncate(real, attr.st_size)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            if real is None:
+                os.fchown(h.fd, uid, gid)
+            else:
+                os.chown(real, uid, gid, follow_symlinks=False)
+        if fields.update_mode:
+            st = self._stat(node)
+            if not stat.S_ISLNK(st.st_mode):
+                if real is None:
+                    os.fchmod(h.fd, stat.S_IMODE(attr.st_mode))
+                else:
+                    os.chmod(real, stat.S_IMODE(attr.st_mode))
+        if fields.update_atime or fields.update_mtime:
+            st = self._stat(node)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            if real is None:
+                os.utime(target, ns=(atime, mtime))
+            else:
+                os.utime(real, ns=(atime, mtime), follow_symlinks=False)
+        return self._entry(node)
+
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        real = self._real(node)
+        if real is None:
+            raise _err(errno.ENOENT)
+        return os.readlink(real)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        node, _ = await self._create_entry(self._node(parent_inode), name, ctx, mode, rdev=rdev)
+        return self._entry(node)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        mode = stat.S_IFDIR | stat.S_IMODE(mode)
+        node, _ = await self._create_entry(self._node(parent_inode), name, ctx, mode)
+        return self._entry(node)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        node, _ = await self._create_entry(
+            self._node(parent_inode), name, ctx, stat.S_IFLNK | 0o777, target=target
+        )
+        return self._entry(node)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        mode = stat.S_IFREG | stat.S_IMODE(mode)
+        node, fd = await self._create_entry(self._node(parent_inode), name, ctx, mode)
+        fh = self._add_handle(Handle(fd, node, True))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
+
+    async def unlink(self, parent_inode, name, ctx):
+        parent = self._node(parent_inode)
+        self._check_rw()
+        if name.startswith(WH_PREFIX):
+            raise _err(errno.ENOENT)
+        ppath, ent = self._resolve(parent, name)
+        if not ent.found:
+            raise _err(errno.ENOENT)
+        if ent.is_dir:
+            raise _err(errno.EISDIR)
+        node = self._node_for(parent, ppath, name, ent)
+        if node.index is not None:
+            await self._group_add(node, -1)
+            ppath, ent = self._resolve(parent, name)
+        self._remove_name(parent, ppath, name, ent)
+        self.table.remove_alias(node, parent, name)
+        if not node.aliases and (node.index is None or self._nlink(node, self._stat(node)) == 0):
+            if not ent.in_upper or ent.st.st_nlink <= 1 or node.index is not None:
+                self.table.mark_deleted(node)
+
+    def _remove_name(self, parent: Node, ppath: bytes, name: bytes, ent: Entry) -> None:
+        need_wh = bool(parent.lowers) and self.layers.lower_positive(parent.lowers, name)
+        if ent.in_upper:
+            if need_wh:
+                self._whiteout_upper(ppath, name, ent.is_dir)
+            else:
+                self._remove_upper(ppath, name, ent.is_dir)
+        else:
+            self._copy_up_dir(parent)
+            self._make_whiteout(self._path(parent), name)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        parent = self._node(parent_inode)
+        self._check_rw()
+        if name.startswith(WH_PREFIX):
+            raise _err(errno.ENOENT)
+        ppath, ent = self._resolve(parent, name)
+        if not ent.found:
+            raise _err(errno.ENOENT)
+        if not ent.is_dir:
+            raise _err(errno.ENOTDIR)
+        node = self._node_for(parent, ppath, name, ent)
+        if node is self.table[ROOT_INODE]:
+            raise _err(errno.EBUSY)
+        if self._listdir(node):
+            raise _err(errno.ENOTEMPTY)
+        self._remove_name(parent, ppath, name, ent)
+        self.table.remove_alias(node, parent, name)
+        self.table.mark_deleted(node)
+
+    def _listdir(self, node: Node) -> list[bytes]:
+        return self.layers.listdir(self._path(node) if node.in_upper else None, node.lowers)
+
+    def _is_ancestor(self, a: Node, b: Node) -> bool:
+        """Is dir *a* the same as or an ancestor of *b*?"""
+        while b is not None:
+            if b is a:
+                return True
+            b = b.parent
+        return False
+
+    def _fix_moved_dir(self, node: Node, new_parent: Node, new_name: bytes) -> None:
+        """Before a dir (already in the upper) lands at a new name: keep its lower
+        contents with a redirect, or hide what lies below the new name with opaque."""
+        real = self._real(node)
+        if node.lowers:
+            os.setxattr(real, self.redirect_xattr, b"/" + node.lowers[0][1])
+        elif new_parent.lowers and self.layers.lower_positive(new_parent.lowers, new_name):
+            if not dir_meta(real).opaque:
+                self._set_opaque(real)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        self._check_rw()
+        pold = self._node(parent_inode_old)
+        pnew = self._node(parent_inode_new)
+        if name_old.startswith(WH_PREFIX):
+            raise _err(errno.ENOENT)
+        check_name(name_new)
+        oldpath, src = self._resolve(pold, name_old)
+        if not src.found:
+            raise _err(errno.ENOENT)
+        newpath, dst = self._resolve(pnew, name_new)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        if flags & RENAME_NOREPLACE and dst.found:
+            raise _err(errno.EEXIST)
+        if exchange and not dst.found:
+            raise _err(errno.ENOENT)
+        snode = self._node_for(pold, oldpath, name_old, src)
+        dnode = self._node_for(pnew, newpath, name_new, dst) if dst.found else None
+        if pold is pnew and name_old == name_new:
+            return
+        if dnode is snode and not exchange:
+            return  # two links to one file: POSIX says do nothing
+        if src.is_dir and self._is_ancestor(snode, pnew):
+            raise _err(errno.EINVAL)
+        if exchange and dst.is_dir and self._is_ancestor(dnode, pold):
+            raise _err(errno.EINVAL)
+        if dst.found and not exchange:
+            if src.is_dir and not dst.is_dir:
+                raise _err(errno.ENOTDIR)
+            if not src.is_dir and dst.is_dir:
+                raise _err(errno.EISDIR)
+            if dst.is_dir and self._listdir(dnode):
+                raise _err(errno.ENOTEMPTY)
+        await self._copy_up(snode)
+        if exchange:
+            await self._copy_up(dnode)
+        if dnode is not None and dnode.index is not None and not exchange:
+            await self._group_add(dnode, -1)
+        self._copy_up_dir(pold)
+        self._copy_up_dir(pnew)
+        # Re-resolve: names may have changed while we copied.
+        oldpath, src = self._resolve(pold, name_old)
+        newpath, dst = self._resolve(pnew, name_new)
+        if not src.found or (exchange and not dst.found):
+            raise _err(errno.ENOENT)
+        up_old = self._up(join(oldpath, name_old))
+        up_new = self._up(join(newpath, name_new))
+        if exchange:
+            if snode.is_dir:
+                self._fix_moved_dir(snode, pnew, name_new)
+            if dnode.is_dir:
+                self._fix_moved_dir(dnode, pold, name_old)
+            renameat2(up_old, up_new, RENAME_EXCHANGE)
+            self.table.remove_alias(snode, pold, name_old)
+            self.table.remove_alias(dnode, pnew, name_new)
+            self.table.add_alias(snode, pnew, name_new)
+            self.table.add_alias(dnode, pold, name_old)
+            return
+        if src.is_dir:
+            self._fix_moved_dir(snode, pnew, name_new)
+        if dst.found and dst.in_upper and dst.is_dir:
+            # an empty merged dir may still hold whiteouts: move it aside first
+            tmp = self.work.tmpname()
+            os.rename(up_new, tmp)
+            self._move(up_old, up_new, oldpath, name_old, pold, src.is_dir)
+            copyup.remove_tree(tmp)
+        else:
+            self._move(up_old, up_new, oldpath, name_old, pold, src.is_dir)
+        self._clear_oci_whiteout(newpath, name_new)
+        if dnode is not None:
+            self.table.remove_alias(dnode, pnew, name_new)
+            if dnode.is_dir or not dnode.aliases:
+                self.table.mark_deleted(dnode)
+        self.table.remove_alias(snode, pold, name_old)
+        self.table.add_alias(snode, pnew, name_new)
+
+    def _move(self, up_old: bytes, up_new: bytes, oldpath: bytes, name_old: bytes,
+              pold: Node, is_dir: bool) -> None:
+        """rename(2) in the upper, leaving a whiteout behind if a lower has the name."""
+        need_wh = bool(pold.lowers) and self.layers.lower_positive(pold.lowers, name_old)
+        dst_st = lstat_or_none(up_new)
+        over_whiteout = dst_st is not None and is_whiteout_stat(dst_st)
+        if is_dir and over_whiteout:
+            # a dir can't replace a non-dir: swap with the whiteout instead
+            renameat2(up_old, up_new, RENAME_EXCHANGE)
+            if not need_wh or self.whiteout != "overlay":
+                os.unlink(up_old)
+                if need_wh:
+                    self._make_whiteout(oldpath, name_old)
+            return
+        if need_wh and self.whiteout == "overlay":
+            if self._rename_whiteout:
+                try:
+                    renameat2(up_old, up_new, RENAME_WHITEOUT)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                        raise
+                    self._rename_whiteout = False
+            os.rename(up_old, up_new)
+            self._make_whiteout(oldpath, name_old)
+            return
+        if need_wh:  # oci: the .wh. marker first; the entry still wins until it moves
+            self._make_whiteout(oldpath, name_old)
+        os.rename(up_old, up_new)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = self._node(inode)
+        pnew = self._node(new_parent_inode)
+        check_name(new_name)
+        self._check_rw()
+        if node.is_dir:
+            raise _err(errno.EPERM)
+        newpath, dst = self._resolve(pnew, new_name)
+        if dst.found:
+            raise _err(errno.EEXIST)
+        await self._copy_up(node)
+        self._copy_up_dir(pnew)
+        newpath, dst = self._resolve(pnew, new_name)
+        if dst.found:
+            raise _err(errno.EEXIST)
+        real = self._real(node)
+        if real is None:
+            raise _err(errno.ENOENT)
+        tmp = self.work.tmpname()
+        os.link(real, tmp)
+        try:
+            self._place(tmp, newpath, new_name, False)
+        except BaseException:
+            copyup.remove_tree(tmp)
+            raise
+        if node.index is not None:
+            await self._group_add(node, +1)
+        self.table.add_alias(node, pnew, new_name)
+        node.lookups += 1
+        return self._entry(node)
+
+    # -- files ------------------------------------------------------------------------
+
+    def _add_handle(self, h) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = h
+        if isinstance(h, Handle):
+            h.node.handles.add(h)
+        return fh
+
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        acc = flags & os.O_ACCMODE
+        if acc != os.O_RDONLY or flags & os.O_TRUNC:
+            self._check_rw()
+            if not node.in_upper:
+                await self._copy_up(node, data=not flags & os.O_TRUNC)
+        real = self._real(node)
+        if real is None:
+            raise _err(errno.ENOENT)
+        oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
+        if acc == os.O_WRONLY:  # writeback cache: the kernel may read through it
+            oflags = (oflags & ~os.O_ACCMODE) | os.O_RDWR
+        oflags &= ~os.O_APPEND  # the kernel keeps the offsets with writeback cache
+        fd = os.open(real, oflags | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fh = self._add_handle(Handle(fd, node, node.in_upper))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        return os.pread(self.handles[fh].fd, size, off)
+
+    async def write(self, fh, off, buf):
+        return os.pwrite(self.handles[fh].fd, buf, off)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        os.close(h.fd)
+        h.node.handles.discard(h)
+        self.table.maybe_drop(h.node)
+
+    async def fsync(self, fh, datasync):
+        fd = self.handles[fh].fd
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+
+    # -- directories ------------------------------------------------------------------
+
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        return self._add_handle(DirHandle(node, self._listdir(node)))
+
+    async def readdir(self, fh, start_id, token):
+        dh = self.handles[fh]
+        node = dh.node
+        if start_id == 0 and dh.read:
+            dh.names = self._listdir(node)  # rewinddir sees changes
+        dh.read = True
+        names = dh.names
+        ppath = node.path()
+        if ppath is None:
+            return
+        for i in range(start_id, len(names)):
+            name = names[i]
+            ent = self.layers.resolve(ppath if node.in_upper else None, node.lowers, name)
+            if not ent.found:
+                continue
+            child = self._node_for(node, ppath, name, ent)
+            st = ent.st if not (child.index is not None and child.in_upper) else None
+            if not pyfuse3.readdir_reply(token, name, self._entry(child, st), i + 1):
+                self.table.maybe_drop(child)
+                return
+            child.lookups += 1
+
+    async def releasedir(self, fh):
+        self.handles.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        dh = self.handles[fh]
+        real = self._real(dh.node)
+        if real is None or not dh.node.in_upper:
+            return
+
+        def _sync() -> None:
+            fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        await trio.to_thread.run_sync(_sync)
+
+    async def statfs(self, ctx):
+        root = self.layers.roots[0] if self.rw else self.layers.roots[1]
+        sv = os.statvfs(root)
+        out = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(out, attr, getattr(sv, attr))
+        out.f_namemax = 255
+        return out
+
+    # -- xattrs -----------------------------------------------------------------------
+
+    async def getxattr(self, inode, name, ctx):
+        if is_private_xattr(name):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        node = self._node(inode)
+        real = self._real(node)
+        if real is None:
+            raise _err(errno.ENOENT)
+        return os.getxattr(real, name, follow_symlinks=False)
+
+    async def listxattr(self, inode, ctx):
+        node = self._node(inode)
+        real = self._real(node)
+        if real is None:
+            raise _err(errno.ENOENT)
+        out = []
+        for n in os.listxattr(real, follow_symlinks=False):
+            b = n.encode()
+            if not is_private_xattr(b):
+                out.append(b)
+        return out
+
+    async def setxattr(self, inode, name, value, ctx):
+        if is_private_xattr(name):
+            raise _err(errno.EPERM)
+        node = self._node(inode)
+        self._check_rw()
+        await self._copy_up(node)
+        os.setxattr(self._real(node), name, value, follow_symlinks=False)
+
+    async def removexattr(self, inode, name, ctx):
+        if is_private_xattr(name):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        node = self._node(inode)
+        self._check_rw()
+        await self._copy_up(node)
+        os.removexattr(self._real(node), name, follow_symlinks=False)
+
+    async def access(self, inode, mode, ctx):
+        node = self._node(inode)
+        st = self._stat(node)
+        if mode & os.W_OK and not self.rw:
+            raise _err(errno.EROFS)
+        if ctx.uid == 0:
+            if mode & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
+                return False
+            return True
+        perm = st.st_mode
+        if ctx.uid == st.st_uid:
+            bits = (perm >> 6) & 7
+        elif ctx.gid == st.st_gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
+            bits = (perm >> 3) & 7
+        else:
+            bits = perm & 7
+        return (mode & bits) == mode
+
+
+for _name, _fn in list(vars(UnionOperations).items()):
+    if (
+        inspect.iscoroutinefunction(_fn)
+        and not _name.startswith("_")
+        and _name in vars(pyfuse3.Operations)
+    ):
+        setattr(UnionOperations, _name, _fuse_edge(_fn))

@@ -1,0 +1,411 @@
+"""Daemon lifecycle: options, serving a mount, sd_notify, and spawn/unmount helpers
+for the rest of the program (runner, builder, tests)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .errors import MountError, NotMountedError, UsageError
+
+log = logging.getLogger("unionfuse.mount")
+
+PID_DIR = os.environ.get("UNIONFUSE_RUN_DIR", "/run/unionfuse")
+READY_FD_ENV = "UNIONFUSE_READY_FD"
+LOG_FILE_ENV = "UNIONFUSE_LOG_FILE"
+
+# Generic mount flags mount(8)/mount.fuse3 pass along; libfuse understands them.
+PASS_FLAGS = {
+    "ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+    "nodiratime", "relatime", "strictatime", "sync", "async", "dirsync",
+    "allow_other", "default_permissions",
+}
+# fstab-only words that mean nothing to the daemon.
+IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner"}
+
+
+@dataclass
+class MountSpec:
+    mountpoint: str
+    lowers: list[str]
+    upper: str | None = None
+    work: str | None = None
+    whiteout: str | None = None
+    fuse_flags: list[str] = field(default_factory=list)
+    timeout: float = 60.0
+
+    @property
+    def read_only(self) -> bool:
+        return self.upper is None
+
+    def check(self) -> None:
+        if not self.lowers:
+            raise UsageError("no lower layer given (--lower DIR or -o lowerdir=DIR[:DIR...])")
+        if (self.upper is None) != (self.work is None):
+            raise UsageError("upperdir and workdir go together (give both or neither)")
+        if self.whiteout not in (None, "overlay", "oci"):
+            raise UsageError(f"whiteout must be overlay or oci, not {self.whiteout!r}")
+        for d in self.lowers + [x for x in (self.upper, self.work) if x]:
+            if not os.path.isdir(d):
+                raise UsageError(f"not a directory: {d}")
+        if not os.path.isdir(self.mountpoint):
+            raise UsageError(f"mount point is not a directory: {self.mountpoint}")
+        if self.upper is not None:
+            if os.stat(self.upper).st_dev != os.stat(self.work).st_dev:
+                raise UsageError("workdir must be on the same filesystem as upperdir")
+            ru, rw = os.path.realpath(self.upper), os.path.realpath(self.work)
+            if ru == rw or rw.startswith(ru + "/") or ru.startswith(rw + "/"):
+                raise UsageError("upperdir and workdir must be separate, not nested")
+            for low in self.lowers:
+                rl = os.path.realpath(low)
+                if rl == ru or ru.startswith(rl + "/"):
+                    raise UsageError(f"upperdir must not be inside a lower layer: {low}")
+
+
+def split_options(opts: str) -> list[str]:
+    """Split a -o string on commas, honouring backslash escapes (\\, and \\:)."""
+    out, cur, esc = [], [], False
+    for ch in opts:
+        if esc:
+            cur.append("\\" + ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ",":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return [o for o in out if o]
+
+
+def split_lowerdir(value: str) -> list[str]:
+    out, cur, esc = [], [], False
+    for ch in value:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch == ":":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return [x for x in out if x]
+
+
+def apply_options(spec: MountSpec, opts: list[str]) -> None:
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        value = value.replace("\\,", ",") if key != "lowerdir" else value
+        if key == "lowerdir":
+            spec.lowers = split_lowerdir(value.replace("\\,", ","))
+        elif key == "upperdir":
+            spec.upper = value
+        elif key == "workdir":
+            spec.work = value
+        elif key == "whiteout":
+            spec.whiteout = value
+        elif key == "timeout":
+            try:
+                spec.timeout = float(value)
+            except ValueError:
+                raise UsageError(f"bad timeout value: {value!r}") from None
+        elif key in PASS_FLAGS and not eq:
+            if key != "rw":
+                spec.fuse_flags.append(key)
+        elif key in IGNORED or key.startswith("x-") or key in ("fsname", "subtype"):
+            continue
+        else:
+            raise UsageError(f"unknown mount option: {opt}")
+
+
+def read_config(path: str) -> dict[str, str]:
+    """KEY=VALUE lines (lowerdir, upperdir, workdir, mountpoint, whiteout, options)."""
+    out: dict[str, str] = {}
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UsageError(f"can't read config {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, eq, value = line.partition("=")
+        key = key.strip()
+        if not eq or key not in ("lowerdir", "upperdir", "workdir", "mountpoint", "whiteout", "options", "timeout"):
+            raise UsageError(f"{path}:{n}: expected KEY=VALUE with KEY one of lowerdir, upperdir, "
+                             f"workdir, mountpoint, whiteout, options, timeout")
+        out[key] = value.strip()
+    return out
+
+
+# -- serving ----------------------------------------------------------------------------
+
+
+def sd_notify(message: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as e:
+        log.warning("sd_notify failed: %s", e)
+
+
+def pid_file(mountpoint: str) -> str:
+    h = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:32]
+    return os.path.join(PID_DIR, h + ".pid")
+
+
+def fuse_options(spec: MountSpec) -> set[str]:
+    opts = {"fsname=unionfuse", "subtype=unionfuse", "default_permissions"}
+    if os.geteuid() == 0 or _user_allow_other():
+        opts.add("allow_other")
+    if os.geteuid() == 0:
+        opts.update({"suid", "dev"})
+    if spec.read_only:
+        opts.add("ro")
+    for flag in spec.fuse_flags:
+        neg = {"nosuid": "suid", "nodev": "dev", "suid": "nosuid", "dev": "nodev"}.get(flag)
+        if neg:
+            opts.discard(neg)
+        opts.add(flag)
+    return opts
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+def serve(spec: MountSpec) -> int:
+    """Mount and serve in this process until unmounted or signalled.  Returns 0."""
+    import pyfuse3
+    import trio
+
+    from .fs.operations import UnionOperations
+
+    spec.check()
+    os.umask(0)
+    enc = os.fsencode
+    try:
+        ops = UnionOperations(
+            [enc(os.path.abspath(x)) for x in spec.lowers],
+            enc(os.path.abspath(spec.upper)) if spec.upper else None,
+            enc(os.path.abspath(spec.work)) if spec.work else None,
+            whiteout=spec.whiteout,
+            timeout=spec.timeout,
+        )
+    except (OSError, ValueError) as e:
+        raise MountError(f"can't set up the layers: {e}") from None
+    _clear_dead_mount(spec.mountpoint)
+    pidf = pid_file(spec.mountpoint)  # before mounting: realpath() would wait on us
+    try:
+        pyfuse3.init(ops, spec.mountpoint, fuse_options(spec))
+    except RuntimeError as e:
+        raise MountError(f"mounting {spec.mountpoint} failed: {e}") from None
+    try:
+        os.makedirs(PID_DIR, mode=0o755, exist_ok=True)
+        with open(pidf, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as e:
+        log.warning("can't write pid file %s: %s", pidf, e)
+        pidf = None
+    log.info("mounted %s (lowers=%s upper=%s whiteout=%s)", spec.mountpoint, spec.lowers,
+             spec.upper, ops.whiteout)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, nursery.cancel_scope, pyfuse3)
+            _announce_ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        sd_notify("STOPPING=1")
+        pyfuse3.close(unmount=True)
+        if pidf:
+            try:
+                os.unlink(pidf)
+            except OSError:
+                pass
+        log.info("unmounted %s", spec.mountpoint)
+    return 0
+
+
+def _clear_dead_mount(mountpoint: str) -> None:
+    """A daemon that died (e.g. before a systemd restart) leaves a dead FUSE mount whose
+    every access fails with ENOTCONN: detach it so we can mount again."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            log.warning("%s: clearing a dead FUSE mount", mountpoint)
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+async def _watch_signals(scope, pyfuse3) -> None:
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            log.info("signal %d: unmounting", sig)
+            pyfuse3.terminate()
+            return
+
+
+def _announce_ready() -> None:
+    sd_notify("READY=1")
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is not None:
+        try:
+            os.write(int(fd), b"ready\n")
+            os.close(int(fd))
+        except (OSError, ValueError):
+            pass
+        # Detached from the command that started us: its stderr pipe goes away.
+        log_file = os.environ.pop(LOG_FILE_ENV, None)
+        target = os.open(log_file or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(target, 2)
+        os.dup2(target, 1)
+        os.close(target)
+
+
+def spawn_background(argv: list[str], timeout: float = 30.0, log_file: str | None = None) -> int:
+    """Run ``unionfuse mount --foreground ARGV`` as a detached daemon and return its pid
+    once the mount is live.  Errors from the daemon come back as one line."""
+    r, w = os.pipe()
+    env = dict(os.environ, **{READY_FD_ENV: str(w)})
+    env.pop("NOTIFY_SOCKET", None)
+    if log_file:
+        env[LOG_FILE_ENV] = os.path.abspath(log_file)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unionfuse", "mount", "--foreground", *argv],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        pass_fds=(w,), env=env, start_new_session=True,
+    )
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    try:
+        import select
+
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                raise MountError("the daemon did not come up in time")
+            ready, _, _ = select.select([r], [], [], left)
+            if ready:
+                data = os.read(r, 64)
+                if data.startswith(b"ready"):
+                    proc.stderr.close()
+                    return proc.pid
+                # EOF: the daemon exited before it was ready
+                rc = proc.wait()
+                msg = proc.stderr.read().decode(errors="replace").strip()
+                last = msg.splitlines()[-1] if msg else f"daemon exited with status {rc}"
+                raise MountError(last.removeprefix("unionfuse: "))
+    finally:
+        os.close(r)
+
+
+# -- unmounting -------------------------------------------------------------------------
+
+
+def mount_entry(mountpoint: str) -> str | None:
+    """The fstype of the mount at *mountpoint* (None if nothing is mounted there)."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            mp = parts[4].encode().decode("unicode_escape")
+            if mp == target:
+                found = parts[sep + 1]
+    return found
+
+
+def unmount(mountpoint: str, pid: int | None = None, timeout: float = 30.0, lazy: bool = False) -> None:
+    """Unmount a unionfuse mount and wait for its daemon to exit."""
+    fstype = mount_entry(mountpoint)
+    if fstype is None:
+        raise NotMountedError(f"{mountpoint}: not mounted")
+    if not fstype.startswith("fuse"):
+        raise NotMountedError(f"{mountpoint}: not a unionfuse mount ({fstype})")
+    if pid is None:
+        pid = _read_pid(mountpoint)
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "fusermount3 failed"
+        raise MountError(msg.removeprefix("fusermount3: "))
+    if pid is not None:
+        wait_pid(pid, timeout)
+
+
+def _read_pid(mountpoint: str) -> int | None:
+    try:
+        with open(pid_file(mountpoint)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_pid(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wpid, _ = os.waitpid(pid, os.WNOHANG)
+            if wpid == pid:
+                return
+        except ChildProcessError:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            if _is_zombie(pid):
+                return
+        if time.monotonic() > deadline:
+            raise MountError(f"daemon {pid} did not exit after unmount")
+        time.sleep(0.02)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def is_mounted(mountpoint: str) -> bool:
+    return mount_entry(mountpoint) is not None
+
+
+__all__ = [
+    "MountSpec", "apply_options", "read_config", "serve", "spawn_background", "unmount",
+    "split_options", "is_mounted", "errno",
+]
