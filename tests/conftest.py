@@ -187,6 +187,16 @@ def run_as(uid: int, gid: int, fn, *args, groups=()):
     raise RuntimeError(val)
 
 
+def allow_traverse(path) -> None:
+    """Let other users reach *path*: pytest's temp dirs are 0700."""
+    p = os.path.dirname(os.path.abspath(str(path)))
+    while p not in ("/", ""):
+        st = os.stat(p)
+        if not st.st_mode & 0o001:
+            os.chmod(p, (st.st_mode & 0o7777) | 0o011)
+        p = os.path.dirname(p)
+
+
 def tree(root) -> dict:
     """A comparable snapshot of a visible tree: path -> (type, mode, uid, gid, size,
     content/target/rdev, sorted xattrs)."""

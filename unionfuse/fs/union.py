@@ -47,6 +47,10 @@ def lstat_or_none(path: bytes) -> os.stat_result | None:
         return None
     except NotADirectoryError:
         return None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # e.g. ".wh." + a 252-byte name
+            return None
+        raise
 
 
 def _getxattr(path: bytes, name: bytes) -> bytes | None:
