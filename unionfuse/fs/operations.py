@@ -109,8 +109,10 @@ class UnionOperations(pyfuse3.Operations):
         self.whiteout = whiteout or self._default_whiteout()
         if self.whiteout not in ("overlay", "oci"):
             raise ValueError(f"unknown whiteout form {self.whiteout!r}")
-        self.origin_xattr = self.ns + b"unionfuse.origin"
-        self.nlink_xattr = self.ns + b"unionfuse.nlink"
+        # Our own records live in the overlay namespace, which the kernel hides too, so
+        # an upper dir we leave behind looks the same under `mount -t overlay`.
+        self.origin_xattr = self.ns + b"overlay.unionfuse.origin"
+        self.nlink_xattr = self.ns + b"overlay.unionfuse.nlink"
         self.opaque_xattr = self.ns + b"overlay.opaque"
         self.redirect_xattr = self.ns + b"overlay.redirect"
         top = upper if upper is not None else lowers[0]
@@ -666,6 +668,7 @@ class UnionOperations(pyfuse3.Operations):
         if not node.aliases and (node.index is None or self._nlink(node, self._stat(node)) == 0):
             if not ent.in_upper or ent.st.st_nlink <= 1 or node.index is not None:
                 self.table.mark_deleted(node)
+        self.table.maybe_drop(node)
 
     def _remove_name(self, parent: Node, ppath: bytes, name: bytes, ent: Entry) -> None:
         need_wh = bool(parent.lowers) and self.layers.lower_positive(parent.lowers, name)
@@ -689,13 +692,14 @@ class UnionOperations(pyfuse3.Operations):
         if not ent.is_dir:
             raise _err(errno.ENOTDIR)
         node = self._node_for(parent, ppath, name, ent)
-        if node is self.table[ROOT_INODE]:
-            raise _err(errno.EBUSY)
-        if self._listdir(node):
-            raise _err(errno.ENOTEMPTY)
-        self._remove_name(parent, ppath, name, ent)
-        self.table.remove_alias(node, parent, name)
-        self.table.mark_deleted(node)
+        try:
+            if self._listdir(node):
+                raise _err(errno.ENOTEMPTY)
+            self._remove_name(parent, ppath, name, ent)
+            self.table.remove_alias(node, parent, name)
+            self.table.mark_deleted(node)
+        finally:
+            self.table.maybe_drop(node)
 
     def _listdir(self, node: Node) -> list[bytes]:
         return self.layers.listdir(self._path(node) if node.in_upper else None, node.lowers)
@@ -738,6 +742,14 @@ class UnionOperations(pyfuse3.Operations):
             raise _err(errno.ENOENT)
         snode = self._node_for(pold, oldpath, name_old, src)
         dnode = self._node_for(pnew, newpath, name_new, dst) if dst.found else None
+        try:
+            await self._rename(pold, name_old, pnew, name_new, snode, dnode, src, dst, exchange)
+        finally:
+            self.table.maybe_drop(snode)
+            if dnode is not None:
+                self.table.maybe_drop(dnode)
+
+    async def _rename(self, pold, name_old, pnew, name_new, snode, dnode, src, dst, exchange):
         if pold is pnew and name_old == name_new:
             return
         if dnode is snode and not exchange:

@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 WH_PREFIX = b".wh."
 WH_OPAQUE = b".wh..wh..opq"
 OVERLAY_NS = (b"trusted.overlay.", b"user.overlay.")
-# The daemon's own bookkeeping xattrs (origin inode, link counts).
-PRIVATE_NS = (b"trusted.unionfuse.", b"user.unionfuse.")
 NAME_MAX = 255
 
 
 def is_private_xattr(name: bytes) -> bool:
-    """True for xattrs the mount never lists or lets users set."""
-    return name.startswith(OVERLAY_NS) or name.startswith(PRIVATE_NS)
+    """True for xattrs the mount never lists or lets users set (the kernel's overlay
+    xattrs and the daemon's own records, kept under ``*.overlay.unionfuse.*``)."""
+    return name.startswith(OVERLAY_NS)
 
 
 def is_whiteout_stat(st: os.stat_result) -> bool:
