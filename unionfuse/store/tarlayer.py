@@ -1,0 +1,431 @@
+"""Layer tars <-> layer directories.
+
+Unpacking (``apply_tar``) is the security boundary for everything that comes from an
+image: every entry is placed relative to the layer root without ever following a
+symlink on the host, names with ``..`` or absolute paths are refused, hard links must
+point at an earlier entry of the same tar, and OCI whiteouts become the daemon's
+overlay form (0/0 char device, ``trusted.overlay.opaque=y``) so that kernel overlayfs can
+mount the same layer dirs.
+
+Packing (``write_layer_tar``) turns a container's upper dir (overlay form, possibly with
+redirected dirs and the daemon's private xattrs) into a self-contained OCI layer tar:
+whiteouts as ``.wh.NAME``, opaque dirs as ``.wh..wh..opq``, redirected dirs expanded from
+the lowers, private xattrs dropped, entries sorted, hard links kept.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import tarfile
+from typing import BinaryIO, Iterator
+
+from ..errors import UnionfuseError
+from ..fs.union import OVERLAY_NS, Layers, dir_meta, is_whiteout_stat
+
+WH_PREFIX = ".wh."
+WH_OPAQUE = ".wh..wh..opq"
+
+OPAQUE_XATTR = "trusted.overlay.opaque"
+XATTR_PAX = "SCHILY.xattr."
+
+
+class LayerTarError(UnionfuseError):
+    """A layer tar that can't be unpacked safely; names the entry."""
+
+
+# -- unpacking ------------------------------------------------------------------------
+
+
+def _clean_name(name: str) -> list[str]:
+    parts = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            raise ValueError("path leaves the layer ('..')")
+        parts.append(p)
+    return parts
+
+
+class _Root:
+    """Operations inside one directory tree that never follow host symlinks."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open_parent(self, parts: list[str], create: bool) -> int:
+        """fd of the dir holding parts[-1]; every component must be a real dir."""
+        fd = os.dup(self.fd)
+        try:
+            for comp in parts[:-1]:
+                try:
+                    nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                    nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise ValueError(f"parent '{comp}' is not a directory (symlink?)") from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+def _remove_at(dfd: int, name: str) -> None:
+    try:
+        st = os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            for n in os.listdir(sub):
+                _remove_at(sub, n)
+        finally:
+            os.close(sub)
+        os.rmdir(name, dir_fd=dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)
+
+
+def apply_tar(stream: BinaryIO, dest: str, *, label: str = "layer") -> tuple[str, int]:
+    """Unpack an uncompressed (or gzip/bz2/xz: tarfile detects) layer tar into the empty
+    dir *dest*.  Returns (diff_id "sha256:...", bytes read).  The diff_id is the sha256
+    of the uncompressed tar stream."""
+    hasher = _HashingReader(stream)
+    root = _Root(dest)
+    dir_times: list[tuple[list[str], int]] = []
+    try:
+        try:
+            tf = tarfile.open(fileobj=hasher, mode="r|*")
+        except tarfile.TarError as e:
+            raise LayerTarError(f"{label}: not a tar archive ({e})") from None
+        with tf:
+            while True:
+                try:
+                    ti = tf.next()
+                except tarfile.TarError as e:
+                    raise LayerTarError(f"{label}: broken tar after entry {_last(tf)!r}: {e}") from None
+                except EOFError:
+                    raise LayerTarError(f"{label}: tar ends in the middle of entry {_last(tf)!r}") from None
+                if ti is None:
+                    break
+                try:
+                    _apply_entry(tf, ti, root, dir_times)
+                except (ValueError, OSError, tarfile.TarError, EOFError) as e:
+                    msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    raise LayerTarError(f"{label}: entry {ti.name!r}: {msg}") from None
+            hasher.drain()
+        for parts, mtime in reversed(dir_times):
+            try:
+                pfd = root.open_parent(parts, False)
+                try:
+                    os.utime(parts[-1], (mtime, mtime), dir_fd=pfd, follow_symlinks=False)
+                finally:
+                    os.close(pfd)
+            except OSError:
+                pass
+    finally:
+        root.close()
+    return "sha256:" + hasher.sha.hexdigest(), hasher.count
+
+
+def _last(tf) -> str:
+    members = getattr(tf, "members", None)
+    return members[-1].name if members else "(start)"
+
+
+def _apply_entry(tf: tarfile.TarFile, ti: tarfile.TarInfo, root: _Root, dir_times) -> None:
+    parts = _clean_name(ti.name)
+    if not parts:
+        return  # the root dir itself ("./")
+    base = parts[-1]
+    if base.startswith(WH_PREFIX):
+        pfd = root.open_parent(parts, True)
+        try:
+            if base == WH_OPAQUE:
+                os.setxattr(pfd, OPAQUE_XATTR, b"y")
+            else:
+                target = base[len(WH_PREFIX):]
+                if target in ("", ".", ".."):
+                    raise ValueError("bad whiteout name")
+                _remove_at(pfd, target)
+                os.mknod(target, stat.S_IFCHR | 0o000, 0, dir_fd=pfd)
+        finally:
+            os.close(pfd)
+        return
+    pfd = root.open_parent(parts, True)
+    try:
+        existing = None
+        try:
+            existing = os.lstat(base, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+        if existing is not None and not (ti.isdir() and stat.S_ISDIR(existing.st_mode)):
+            _remove_at(pfd, base)
+        mode = ti.mode & 0o7777
+        if ti.isdir():
+            if existing is None or not stat.S_ISDIR(existing.st_mode):
+                os.mkdir(base, 0o700, dir_fd=pfd)
+        elif ti.isreg():
+            src = tf.extractfile(ti)
+            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+            try:
+                while True:
+                    buf = src.read(1 << 20)
+                    if not buf:
+                        break
+                    os.write(fd, buf)
+            finally:
+                os.close(fd)
+        elif ti.issym():
+            os.symlink(ti.linkname, base, dir_fd=pfd)  # stored as is; never followed here
+        elif ti.islnk():
+            lparts = _clean_name(ti.linkname)
+            if not lparts:
+                raise ValueError("hard link to the layer root")
+            lfd = root.open_parent(lparts, False)
+            try:
+                lst = os.lstat(lparts[-1], dir_fd=lfd)
+                if stat.S_ISDIR(lst.st_mode):
+                    raise ValueError("hard link to a directory")
+                os.link(lparts[-1], base, src_dir_fd=lfd, dst_dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise ValueError(f"hard link target {ti.linkname!r} is not in this layer") from None
+            finally:
+                os.close(lfd)
+            return  # a hard link shares the target's metadata
+        elif ti.ischr() or ti.isblk():
+            kind = stat.S_IFCHR if ti.ischr() else stat.S_IFBLK
+            os.mknod(base, kind | 0o600, os.makedev(ti.devmajor, ti.devminor), dir_fd=pfd)
+        elif ti.isfifo():
+            os.mkfifo(base, 0o600, dir_fd=pfd)
+        else:
+            raise ValueError(f"unsupported tar entry type {ti.type!r}")
+        os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
+        if not ti.issym():
+            os.chmod(base, mode, dir_fd=pfd)
+        for k, v in (ti.pax_headers or {}).items():
+            if k.startswith(XATTR_PAX):
+                name = k[len(XATTR_PAX):]
+                if name.encode().startswith(OVERLAY_NS):
+                    continue
+                value = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v
+                if ti.issym():
+                    continue
+                os.setxattr(f"/proc/self/fd/{pfd}/{base}", name, value, follow_symlinks=False)
+        if ti.isdir():
+            dir_times.append((parts, int(ti.mtime)))
+        else:
+            os.utime(base, (int(ti.mtime), int(ti.mtime)), dir_fd=pfd, follow_symlinks=False)
+    finally:
+        os.close(pfd)
+
+
+class _HashingReader:
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.sha.update(b)
+        self.count += len(b)
+        return b
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+# -- packing --------------------------------------------------------------------------
+
+
+def _xattrs(path: str) -> dict[str, str]:
+    out = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return out
+    for n in sorted(names):
+        if n.encode().startswith(OVERLAY_NS) or n.startswith(("trusted.unionfuse.", "user.unionfuse.")):
+            continue
+        try:
+            v = os.getxattr(path, n, follow_symlinks=False)
+        except OSError:
+            continue
+        out[XATTR_PAX + n] = v.decode("utf-8", "surrogateescape")
+    return out
+
+
+def _tarinfo(path: str, name: str, st: os.stat_result) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.mode = stat.S_IMODE(st.st_mode)
+    ti.uid, ti.gid = st.st_uid, st.st_gid
+    ti.uname = ti.gname = ""
+    ti.mtime = int(st.st_mtime)
+    m = st.st_mode
+    if stat.S_ISDIR(m):
+        ti.type = tarfile.DIRTYPE
+    elif stat.S_ISREG(m):
+        ti.type, ti.size = tarfile.REGTYPE, st.st_size
+    elif stat.S_ISLNK(m):
+        ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(path)
+    elif stat.S_ISCHR(m) or stat.S_ISBLK(m):
+        ti.type = tarfile.CHRTYPE if stat.S_ISCHR(m) else tarfile.BLKTYPE
+        ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    elif stat.S_ISFIFO(m):
+        ti.type = tarfile.FIFOTYPE
+    else:
+        return None  # sockets don't go into layers (docker skips them too)
+    x = _xattrs(path)
+    if x:
+        ti.pax_headers = x
+    return ti
+
+
+def iter_layer(upper: str, layers: Layers | None = None) -> Iterator[tuple[str, str, os.stat_result | None, str]]:
+    """Walk a layer dir in sorted order, yielding (kind, relpath, stat, realpath) with kind
+    'entry', 'whiteout' or 'opaque'.  A dir with a redirect xattr (a renamed lower dir)
+    is expanded from the lower *layers*: its merged content goes in whole, marked opaque,
+    so the layer stands on its own."""
+
+    def walk(real: str | None, rel: str, lowers: list | None):
+        # lowers None: a plain diff; a list: expand, merging with these lower dirs
+        names: dict[str, str | None] = {}
+        if real is not None:
+            for n in sorted(os.listdir(real)):
+                names[n] = os.path.join(real, n)
+        wh = {n[len(WH_PREFIX):] for n in names if n.startswith(WH_PREFIX) and n != WH_OPAQUE}
+        if lowers:
+            for n in layers.listdir(None, lowers):
+                names.setdefault(os.fsdecode(n), None)
+        for n in sorted(names):
+            r = _j(rel, n)
+            if n.startswith(WH_PREFIX):
+                if n != WH_OPAQUE and lowers is None:
+                    yield "whiteout", _j(rel, n[len(WH_PREFIX):]), None, ""
+                continue
+            p = names[n]
+            if p is None:  # only in the lowers of an expanded dir
+                if n in wh:
+                    continue
+                ent = layers.resolve(None, lowers, os.fsencode(n))
+                if not ent.found:
+                    continue
+                idx, lrel = ent.lowers[0]
+                p = os.fsdecode(layers.real(idx, lrel))
+                st = os.lstat(p)
+                yield "entry", r, st, p
+                if stat.S_ISDIR(st.st_mode):
+                    yield from walk(None, r, ent.lowers)
+                continue
+            st = os.lstat(p)
+            if is_whiteout_stat(st):
+                if lowers is None:
+                    yield "whiteout", r, None, ""
+                continue
+            yield "entry", r, st, p
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            meta = dir_meta(os.fsencode(p))
+            if meta.opaque:
+                if lowers is None:
+                    yield "opaque", r, None, ""
+                sub = [] if lowers is not None else None
+            elif meta.redirect and layers is not None:
+                target = os.fsdecode(meta.redirect)
+                if not target.startswith("/"):
+                    target = _j(rel.rpartition("/")[0], target)
+                if lowers is None:
+                    yield "opaque", r, None, ""
+                sub = _lowers_at(layers, target.strip("/"))
+            elif lowers is not None:
+                ent = layers.resolve(None, lowers, os.fsencode(n))
+                sub = ent.lowers if ent.found and ent.is_dir else []
+            else:
+                sub = None
+            yield from walk(p, r, sub)
+
+    yield from walk(upper, "", None)
+
+
+def _lowers_at(layers: Layers, relpath: str) -> list[tuple[int, bytes]]:
+    """The lower stack of the merged dir at *relpath* (lower layers only)."""
+    stack = [(i, b"") for i in range(1, layers.nlower + 1)]
+    for comp in [c for c in relpath.split("/") if c]:
+        ent = layers.resolve(None, stack, os.fsencode(comp))
+        if not ent.found or not ent.is_dir:
+            return []
+        stack = ent.lowers
+    return stack
+
+
+def _j(rel: str, name: str) -> str:
+    return name if not rel else rel + "/" + name
+
+
+def write_layer_tar(upper: str, out: BinaryIO, layers: Layers | None = None) -> str:
+    """Write the OCI layer tar of layer dir *upper* to *out*; return its diff_id."""
+    hw = _HashingWriter(out)
+    seen_inodes: dict[tuple[int, int], str] = {}
+    with tarfile.open(fileobj=hw, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        for kind, rel, st, real in iter_layer(upper, layers):
+            if kind == "whiteout":
+                d, _, base = rel.rpartition("/")
+                ti = tarfile.TarInfo(_j(d, WH_PREFIX + base))
+                ti.mtime = 0
+                tf.addfile(ti)
+                continue
+            if kind == "opaque":
+                ti = tarfile.TarInfo(_j(rel, WH_OPAQUE))
+                ti.mtime = 0
+                tf.addfile(ti)
+                continue
+            ti = _tarinfo(real, rel, st)
+            if ti is None:
+                continue
+            if ti.type == tarfile.DIRTYPE:
+                ti.name = rel + "/"
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in seen_inodes:
+                    ti.type, ti.linkname, ti.size = tarfile.LNKTYPE, seen_inodes[key], 0
+                    tf.addfile(ti)
+                    continue
+                seen_inodes[key] = rel
+            if ti.type == tarfile.REGTYPE:
+                with open(real, "rb") as f:
+                    tf.addfile(ti, f)
+            else:
+                tf.addfile(ti)
+    return "sha256:" + hw.sha.hexdigest()
+
+
+class _HashingWriter:
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.count += len(b)
+        return self.f.write(b)
+
+    def tell(self) -> int:
+        return self.count
