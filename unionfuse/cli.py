@@ -10,7 +10,10 @@ import sys
 from . import mount as mountmod
 from .errors import UnionfuseError, UsageError
 
-SUBCOMMANDS = ("mount", "umount", "unmount")
+SUBCOMMANDS = (
+    "mount", "umount", "unmount", "import", "images", "tag", "rmi", "inspect", "history", "prune",
+    "run", "ps", "start", "stop", "kill", "rm", "logs", "exec", "diff", "commit", "_shim",
+)
 
 log = logging.getLogger("unionfuse")
 
@@ -30,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(what `mount -t fuse.unionfuse` runs).",
     )
     p.add_argument("--debug", action="store_true", help="log every step to stderr")
+    p.add_argument("--root", metavar="DIR",
+                   help="store root (default $UNIONFUSE_ROOT or /var/lib/unionfuse)")
+    p.add_argument("--storage-driver", choices=("fuse", "overlay"),
+                   help="how container rootfs are mounted (default: the store's, else fuse)")
+    p.add_argument("--runtime", choices=("runc", "crun"), help="OCI runtime (default: runc if installed)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     m = sub.add_parser(
@@ -64,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("-l", "--lazy", action="store_true", help="detach even if busy")
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    from . import commands
+
+    commands.add_parsers(sub)
     return p
 
 
@@ -159,11 +171,17 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_mount(a, debug)
         if a.command in ("umount", "unmount"):
             return cmd_umount(a)
+        if a.command:
+            from . import commands
+
+            return commands.dispatch(a)
         parser.print_help(sys.stderr)
         return 2
     except UnionfuseError as e:
         print(f"unionfuse: {e.message}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        return 141
     except KeyboardInterrupt:
         return 130
 

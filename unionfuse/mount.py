@@ -409,3 +409,76 @@ __all__ = [
     "MountSpec", "apply_options", "read_config", "serve", "spawn_background", "unmount",
     "split_options", "is_mounted", "errno",
 ]
+
+
+# -- mounting a set of layers (what the runner and builder use) --------------------------
+
+DRIVERS = ("fuse", "overlay")
+
+
+def mount_layers(driver: str, lowers: list[str], upper: str | None, work: str | None,
+                 mountpoint: str, log_file: str | None = None, debug: bool = False) -> int | None:
+    """Mount *lowers* (top-most first) + upper at *mountpoint* with the given driver.
+    Returns the unionfuse daemon's pid (None for the kernel overlay driver)."""
+    if driver == "fuse":
+        spec = MountSpec(mountpoint=mountpoint, lowers=list(lowers), upper=upper, work=work)
+        spec.check()
+        argv = [f"--lower={x}" for x in lowers]
+        if upper is not None:
+            argv += [f"--upper={upper}", f"--work={work}"]
+        if debug:
+            argv.append("--debug")
+        return spawn_background(argv + [mountpoint], log_file=log_file)
+    if driver == "overlay":
+        opts = "lowerdir=" + ":".join(_escape_overlay(x) for x in lowers)
+        if upper is not None:
+            opts += f",upperdir={_escape_overlay(upper)},workdir={_escape_overlay(work)}"
+            opts += ",redirect_dir=on"
+        if len(lowers) == 1 and upper is None:
+            # overlayfs needs two lowers for a read-only mount: a bind of one layer is it
+            res = subprocess.run(["mount", "--bind", "-o", "ro", lowers[0], mountpoint],
+                                 capture_output=True, text=True)
+        else:
+            res = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mountpoint],
+                                 capture_output=True, text=True)
+        if res.returncode != 0:
+            raise MountError(f"overlay mount failed: {res.stderr.strip() or res.returncode}")
+        return None
+    raise UsageError(f"unknown storage driver {driver!r} (use fuse or overlay)")
+
+
+def _escape_overlay(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def unmount_layers(mountpoint: str, pid: int | None = None, timeout: float = 30.0) -> None:
+    """Undo mount_layers, even for a dead daemon (lazy).  Never fails on 'not mounted'."""
+    fstype = mount_entry(mountpoint)
+    if fstype is not None:
+        if fstype.startswith("fuse"):
+            res = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True)
+            if res.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+        else:
+            res = subprocess.run(["umount", mountpoint], capture_output=True)
+            if res.returncode != 0:
+                subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+    if pid is not None:
+        try:
+            wait_pid(pid, timeout)
+        except MountError:
+            if is_daemon_for(pid, mountpoint):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def is_daemon_for(pid: int, mountpoint: str) -> bool:
+    """Is *pid* (still) the unionfuse daemon serving *mountpoint*? (pids get reused)"""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"unionfuse" in b" ".join(argv) and os.fsencode(os.path.abspath(mountpoint)) in argv

@@ -1,0 +1,415 @@
+"""Containers: a thin writable layer over an image's layers, mounted by a unionfuse
+daemon (or kernel overlayfs), run by a real OCI runtime (runc or crun).
+
+Each container lives in ROOT/containers/<id>/::
+
+    container.json   the record (name, image, command, options, state, pids, exit code)
+    upper/ work/     its writable layer
+    rootfs/          mount point of the merged view
+    bundle/          OCI runtime bundle (config.json; root.path -> ../rootfs)
+    log              stdout+stderr of a detached container
+
+The process that runs the runtime (the CLI for an attached run, a detached "shim"
+otherwise) owns the mount: it mounts before the runtime starts and unmounts when the
+container exits, so no daemon outlives its container.  Anything a killed shim leaves
+behind is cleaned up by ``refresh``/``remove`` (lazy unmount, daemon by PID).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from .. import mount as mountmod
+from ..errors import UnionfuseError, UsageError
+from ..store.store import Conflict, Image, NotFound, Store, canonical_json, now_iso, write_atomic
+from . import spec as specmod
+
+log = logging.getLogger("unionfuse.runtime")
+
+RUNTIMES = ("runc", "crun")
+_CRUN_WRAP = 'umount /sys/fs/cgroup/unified 2>/dev/null; exec crun "$@"'
+
+
+class RuntimeError_(UnionfuseError):
+    pass
+
+
+@dataclass
+class RunOptions:
+    args: list[str] = field(default_factory=list)
+    entrypoint: list[str] | None = None
+    env: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    user: str | None = None
+    volumes: list[str] = field(default_factory=list)
+    network: str = "none"
+    hostname: str | None = None
+    tty: bool = False
+    interactive: bool = False
+    driver: str = "fuse"
+    runtime: str | None = None
+
+
+def default_runtime() -> str:
+    for r in RUNTIMES:
+        if shutil.which(r):
+            return r
+    raise RuntimeError_("no OCI runtime found (install runc or crun)")
+
+
+def runtime_argv(runtime: str, *args: str) -> list[str]:
+    """The command line for one runtime call (crun needs the cgroup2 mount hidden on a
+    hybrid-cgroup host: a private mount namespace does that without touching the host)."""
+    if runtime == "crun":
+        return ["unshare", "-m", "sh", "-c", _CRUN_WRAP, "crun", *args]
+    return [runtime, *args]
+
+
+class Container:
+    def __init__(self, store: "Containers", rec: dict):
+        self.containers = store
+        self.rec = rec
+
+    id = property(lambda self: self.rec["id"])
+    name = property(lambda self: self.rec["name"])
+    state = property(lambda self: self.rec["state"])
+
+    @property
+    def dir(self) -> str:
+        return os.path.join(self.containers.store.root, "containers", self.id)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    @property
+    def runtime_id(self) -> str:
+        return "unionfuse-" + self.id[:32]
+
+    def save(self) -> None:
+        write_atomic(self.path("container.json"), canonical_json(self.rec))
+
+    def reload(self) -> "Container":
+        with open(self.path("container.json")) as f:
+            self.rec = json.load(f)
+        return self
+
+    def image(self) -> Image:
+        return self.containers.store.image_by_id(self.rec["image_id"])
+
+    def lower_dirs(self) -> list[str]:
+        return self.containers.store.layer_dirs(self.image())
+
+
+class Containers:
+    def __init__(self, store: Store):
+        self.store = store
+        self.base = os.path.join(store.root, "containers")
+
+    # -- records --------------------------------------------------------------------------
+
+    def all(self) -> list[Container]:
+        out = []
+        for cid in os.listdir(self.base):
+            p = os.path.join(self.base, cid, "container.json")
+            try:
+                with open(p) as f:
+                    out.append(Container(self, json.load(f)))
+            except (OSError, ValueError):
+                continue
+        out.sort(key=lambda c: c.rec["created"], reverse=True)
+        return out
+
+    def get(self, ref: str) -> Container:
+        cs = self.all()
+        for c in cs:
+            if c.name == ref or c.id == ref:
+                return c
+        if len(ref) >= 1 and all(ch in "0123456789abcdef" for ch in ref):
+            m = [c for c in cs if c.id.startswith(ref)]
+            if len(m) == 1:
+                return m[0]
+            if len(m) > 1:
+                raise Conflict(f"ambiguous container id prefix {ref!r}")
+        raise NotFound(f"no such container: {ref}")
+
+    def images_in_use(self) -> set[str]:
+        return {c.rec["image_id"] for c in self.all()}
+
+    def create(self, image: Image, ref: str, name: str | None, opts: RunOptions) -> Container:
+        if name is not None:
+            _check_name(name)
+        cid = secrets.token_hex(32)
+        if opts.driver not in mountmod.DRIVERS:
+            raise UsageError(f"unknown storage driver {opts.driver!r} (use fuse or overlay)")
+        runtime = opts.runtime or default_runtime()
+        if runtime not in RUNTIMES:
+            raise UsageError(f"unknown runtime {runtime!r} (use runc or crun)")
+        for v in opts.volumes:
+            specmod.parse_volume(v)  # validate before anything is made
+        if opts.network not in ("none", "host"):
+            raise UsageError(f"unsupported network mode {opts.network!r} (use none or host)")
+        argv = specmod.resolve_command(image.run_config, opts.entrypoint, opts.args)
+        rec = {
+            "id": cid,
+            "name": name or _random_name(),
+            "image_id": image.id,
+            "image": ref,
+            "created": now_iso(),
+            "argv": argv,
+            "options": asdict(opts) | {"runtime": runtime},
+            "state": "created",
+            "exit_code": None,
+            "started_at": None,
+            "finished_at": None,
+            "shim_pid": None,
+            "daemon_pid": None,
+        }
+        with self.store.lock():
+            if any(c.name == rec["name"] for c in self.all()):
+                raise Conflict(f'the container name "{rec["name"]}" is already in use')
+            d = os.path.join(self.base, cid)
+            os.makedirs(d, mode=0o700)
+            for sub in ("upper", "work", "rootfs", "bundle"):
+                os.mkdir(os.path.join(d, sub), 0o755 if sub != "work" else 0o700)
+            c = Container(self, rec)
+            c.save()
+        return c
+
+    # -- state ----------------------------------------------------------------------------
+
+    def refresh(self, c: Container) -> Container:
+        """Notice a container whose shim died: mark it exited and clean up its mount."""
+        if c.state != "running":
+            return c
+        pid = c.rec.get("shim_pid")
+        if pid and _alive(pid):
+            return c
+        c.reload()
+        if c.state != "running":
+            return c
+        self._cleanup_runtime(c)
+        c.rec.update(state="exited", exit_code=c.rec.get("exit_code") or 137, finished_at=now_iso())
+        c.save()
+        return c
+
+    def _cleanup_runtime(self, c: Container) -> None:
+        runtime = c.rec["options"]["runtime"]
+        subprocess.run(runtime_argv(runtime, "delete", "-f", c.runtime_id), capture_output=True)
+        mountmod.unmount_layers(c.path("rootfs"), c.rec.get("daemon_pid"), timeout=10)
+
+    def remove(self, c: Container, force: bool = False) -> None:
+        self.refresh(c)
+        if c.state == "running":
+            if not force:
+                raise Conflict(f"you cannot remove a running container {c.short_id}: stop it first or use -f")
+            self.kill(c, "KILL")
+            self.wait(c, 10)
+        self._cleanup_runtime(c)
+        if mountmod.mount_entry(c.path("rootfs")) is not None:
+            raise UnionfuseError(f"container {c.short_id}: rootfs still mounted")
+        trash = os.path.join(self.store.root, "tmp", f"{os.getpid()}-rm-{c.id[:16]}")
+        os.rename(c.dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def kill(self, c: Container, sig: str = "KILL") -> None:
+        self.refresh(c)
+        if c.state != "running":
+            raise Conflict(f"container {c.short_id} is not running")
+        runtime = c.rec["options"]["runtime"]
+        res = subprocess.run(runtime_argv(runtime, "kill", c.runtime_id, sig.removeprefix("SIG")),
+                             capture_output=True, text=True)
+        if res.returncode != 0 and self.refresh(c).state == "running":
+            raise RuntimeError_(f"kill failed: {res.stderr.strip()}")
+
+    def wait(self, c: Container, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            c.reload()
+            self.refresh(c)
+            if c.state == "exited":
+                return c.rec["exit_code"]
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+
+    def stop(self, c: Container, timeout: float = 10) -> None:
+        self.kill(c, "TERM")
+        if self.wait(c, timeout) is None:
+            self.kill(c, "KILL")
+            self.wait(c, 10)
+
+    # -- running --------------------------------------------------------------------------
+
+    def start(self, c: Container, attach: bool, log_debug: bool = False) -> int | None:
+        """Run the container's process.  Attached: in this process, returns the exit
+        code.  Detached: in a shim; returns once it runs."""
+        self.refresh(c)
+        if c.state == "running":
+            raise Conflict(f"container {c.short_id} is already running")
+        if attach:
+            return self._run(c, attached=True, debug=log_debug)
+        shim = subprocess.Popen(
+            [sys.executable, "-m", "unionfuse", "--root", self.store.root, "_shim", c.id],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            c.reload()
+            if c.state in ("running", "exited") and c.rec.get("shim_pid") == shim.pid:
+                return None
+            if shim.poll() is not None:
+                c.reload()
+                if c.rec.get("error"):
+                    raise RuntimeError_(c.rec["error"])
+                return None
+            time.sleep(0.02)
+        raise RuntimeError_("the container did not start in time")
+
+    def run_shim(self, c: Container) -> int:
+        """Body of the detached shim process: stdio goes to the container's log."""
+        fd = os.open(c.path("log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        try:
+            return self._run(c, attached=False)
+        except UnionfuseError as e:
+            c.reload()
+            c.rec["error"] = str(e)
+            c.save()
+            return 125
+
+    def _run(self, c: Container, attached: bool, debug: bool = False) -> int:
+        opts = RunOptions(**c.rec["options"])
+        image = c.image()
+        rootfs = c.path("rootfs")
+        lowers = self.store.layer_dirs(image)
+        if not lowers:
+            lowers = [self._empty_layer()]
+        c.rec.update(shim_pid=os.getpid(), error=None)
+        daemon_pid = mountmod.mount_layers(opts.driver, lowers, c.path("upper"), c.path("work"), rootfs,
+                                           log_file=c.path("daemon.log"), debug=debug)
+        c.rec["daemon_pid"] = daemon_pid
+        c.save()
+        try:
+            cfg = image.run_config
+            uid, gid, groups, home = specmod.resolve_user(rootfs, opts.user or cfg.get("User") or None)
+            env = specmod.merge_env(cfg.get("Env") or [], opts.env)
+            if home and not any(e.startswith("HOME=") for e in env):
+                env.append(f"HOME={home}")
+            cwd = opts.workdir or cfg.get("WorkingDir") or "/"
+            if not cwd.startswith("/"):
+                cwd = "/" + cwd
+            vols = [specmod.parse_volume(v) for v in opts.volumes]
+            config = specmod.make_spec(
+                rootfs=rootfs, args=c.rec["argv"], env=env, cwd=cwd, uid=uid, gid=gid,
+                additional_gids=groups, terminal=opts.tty, hostname=opts.hostname or c.short_id,
+                network=opts.network, volumes=vols,
+            )
+            write_atomic(c.path("bundle", "config.json"), json.dumps(config, indent=2).encode())
+            subprocess.run(runtime_argv(opts.runtime, "delete", "-f", c.runtime_id), capture_output=True)
+            argv = runtime_argv(opts.runtime, "run", "-b", c.path("bundle"), c.runtime_id)
+            stdin = None if (attached and (opts.interactive or opts.tty)) else subprocess.DEVNULL
+            c.rec.update(state="running", started_at=now_iso(), exit_code=None, finished_at=None)
+            c.save()
+            code = _run_forwarding_signals(argv, stdin)
+        except BaseException:
+            c.rec.update(state="exited", finished_at=now_iso(), exit_code=c.rec.get("exit_code") or 125)
+            c.save()
+            self._cleanup_runtime(c)
+            raise
+        c.rec.update(state="exited", exit_code=code, finished_at=now_iso())
+        c.save()
+        self._cleanup_runtime(c)
+        c.rec["daemon_pid"] = None
+        c.save()
+        return code
+
+    def _empty_layer(self) -> str:
+        p = os.path.join(self.store.root, "empty")
+        os.makedirs(p, mode=0o755, exist_ok=True)
+        return p
+
+    def exec(self, c: Container, args: list[str], tty: bool, interactive: bool, env: list[str],
+             user: str | None, workdir: str | None) -> int:
+        self.refresh(c)
+        if c.state != "running":
+            raise Conflict(f"container {c.short_id} is not running")
+        opts = c.rec["options"]
+        rt = ["exec"]
+        if tty:
+            rt.append("--tty")
+        image = c.image()
+        cfg = image.run_config
+        uid, gid, groups, home = specmod.resolve_user(c.path("rootfs"), user or opts.get("user") or cfg.get("User") or None)
+        rt += ["--user", f"{uid}:{gid}"]
+        for g in groups:
+            rt += ["--additional-gids", str(g)]
+        merged = specmod.merge_env(specmod.merge_env(cfg.get("Env") or [], opts.get("env") or []), env)
+        for e in merged:
+            rt += ["--env", e]
+        rt += ["--cwd", workdir or opts.get("workdir") or cfg.get("WorkingDir") or "/"]
+        rt += [c.runtime_id, *args]
+        stdin = None if (interactive or tty) else subprocess.DEVNULL
+        return _run_forwarding_signals(runtime_argv(opts["runtime"], *rt), stdin)
+
+
+def _run_forwarding_signals(argv: list[str], stdin) -> int:
+    """Run the runtime in the foreground; SIGINT/SIGTERM/SIGHUP reach it (it forwards to
+    the container) while we stay alive to clean up afterwards."""
+    proc = subprocess.Popen(argv, stdin=stdin)
+    old = {}
+
+    def forward(sig, frame):
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        old[s] = signal.signal(s, forward)
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return rc if rc >= 0 else 128 - rc
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", name):
+        raise UsageError(f'invalid container name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed')
+
+
+_ADJ = ["brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lucid", "merry",
+        "nifty", "proud", "quirky", "sharp", "tender", "vivid", "witty", "zen"]
+_NOUN = ["turing", "hopper", "lovelace", "knuth", "ritchie", "thompson", "torvalds", "liskov",
+         "hamilton", "curie", "noether", "shannon", "dijkstra", "wirth", "kay", "backus"]
+
+
+def _random_name() -> str:
+    return f"{secrets.choice(_ADJ)}_{secrets.choice(_NOUN)}_{secrets.token_hex(2)}"
