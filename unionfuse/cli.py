@@ -160,7 +160,10 @@ def helper_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS and len(argv) >= 2:
+        # mount.fuse3 runs `unionfuse SOURCE MOUNTPOINT -o OPTIONS`
+        helper = len(argv) >= 2 and not argv[0].startswith("-") and (
+            argv[0] not in SUBCOMMANDS or (len(argv) >= 3 and argv[2] == "-o" and argv[0] != "mount"))
+        if helper:
             _setup_logging(False)
             return helper_main(argv)
         parser = build_parser()

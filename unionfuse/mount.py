@@ -7,6 +7,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -56,6 +57,7 @@ class MountSpec:
         for d in self.lowers + [x for x in (self.upper, self.work) if x]:
             if not os.path.isdir(d):
                 raise UsageError(f"not a directory: {d}")
+        clear_dead_mount(self.mountpoint)
         if not os.path.isdir(self.mountpoint):
             raise UsageError(f"mount point is not a directory: {self.mountpoint}")
         if self.upper is not None:
@@ -218,8 +220,11 @@ def serve(spec: MountSpec) -> int:
         )
     except (OSError, ValueError) as e:
         raise MountError(f"can't set up the layers: {e}") from None
-    _clear_dead_mount(spec.mountpoint)
     pidf = pid_file(spec.mountpoint)  # before mounting: realpath() would wait on us
+    # From the moment the mount is live a SIGTERM must unmount, not kill: hold the
+    # signals until trio's receiver is in place.
+    stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         pyfuse3.init(ops, spec.mountpoint, fuse_options(spec))
     except RuntimeError as e:
@@ -236,7 +241,7 @@ def serve(spec: MountSpec) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, nursery.cancel_scope, pyfuse3)
+            await nursery.start(_watch_signals, pyfuse3, stop_signals)
             _announce_ready()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
@@ -255,21 +260,27 @@ def serve(spec: MountSpec) -> int:
     return 0
 
 
-def _clear_dead_mount(mountpoint: str) -> None:
+def clear_dead_mount(mountpoint: str) -> None:
     """A daemon that died (e.g. before a systemd restart) leaves a dead FUSE mount whose
-    every access fails with ENOTCONN: detach it so we can mount again."""
-    try:
-        os.stat(mountpoint)
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            log.warning("%s: clearing a dead FUSE mount", mountpoint)
-            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+    every access fails with ENOTCONN: detach it so we can mount again.  statvfs always
+    reaches the daemon (stat may be answered from the kernel's cache)."""
+    for _ in range(8):  # stacked dead mounts
+        try:
+            os.statvfs(mountpoint)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                return
+        log.warning("%s: clearing a dead FUSE mount", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
 
 
-async def _watch_signals(scope, pyfuse3) -> None:
+async def _watch_signals(pyfuse3, stop_signals, task_status) -> None:
     import trio
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+    with trio.open_signal_receiver(*stop_signals) as sigs:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+        task_status.started()
         async for sig in sigs:
             log.info("signal %d: unmounting", sig)
             pyfuse3.terminate()
@@ -334,18 +345,29 @@ def spawn_background(argv: list[str], timeout: float = 30.0, log_file: str | Non
 # -- unmounting -------------------------------------------------------------------------
 
 
+def _unescape_mountinfo(field: bytes) -> bytes:
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+
+
 def mount_entry(mountpoint: str) -> str | None:
-    """The fstype of the mount at *mountpoint* (None if nothing is mounted there)."""
-    target = os.path.realpath(mountpoint)
+    """The fstype of the (top) mount at *mountpoint* (None if nothing is mounted there)."""
+    target = os.fsencode(os.path.realpath(mountpoint)) if not _is_dead(mountpoint) else os.fsencode(os.path.abspath(mountpoint))
     found = None
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             parts = line.split()
-            sep = parts.index("-")
-            mp = parts[4].encode().decode("unicode_escape")
-            if mp == target:
-                found = parts[sep + 1]
+            sep = parts.index(b"-")
+            if _unescape_mountinfo(parts[4]) == target:
+                found = os.fsdecode(parts[sep + 1])
     return found
+
+
+def _is_dead(path: str) -> bool:
+    try:
+        os.lstat(path)
+        return False
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
 
 
 def unmount(mountpoint: str, pid: int | None = None, timeout: float = 30.0, lazy: bool = False) -> None:
@@ -353,7 +375,7 @@ def unmount(mountpoint: str, pid: int | None = None, timeout: float = 30.0, lazy
     fstype = mount_entry(mountpoint)
     if fstype is None:
         raise NotMountedError(f"{mountpoint}: not mounted")
-    if not fstype.startswith("fuse"):
+    if fstype != "fuse.unionfuse":
         raise NotMountedError(f"{mountpoint}: not a unionfuse mount ({fstype})")
     if pid is None:
         pid = _read_pid(mountpoint)

@@ -171,7 +171,8 @@ class Layers:
                     return ent
                 ent.is_dir = True
                 meta = dir_meta(self.upper(rel))
-                if meta.opaque:
+                # OCI: a .wh.NAME beside dir NAME in one layer deleted the lower NAME
+                if meta.opaque or self._wh_file(0, rel):
                     ent.opaque = True
                     return ent
                 if meta.redirect:
@@ -202,7 +203,7 @@ class Layers:
                     break
                 ent.lowers.append((idx, rel))
                 meta = dir_meta(self.real(idx, rel))
-                if meta.opaque:
+                if meta.opaque or self._wh_file(idx, rel):
                     break
                 if meta.redirect:
                     override, relname = self._follow(meta.redirect, override, relname)

@@ -162,6 +162,9 @@ class Containers:
         if opts.network not in ("none", "host"):
             raise UsageError(f"unsupported network mode {opts.network!r} (use none or host)")
         argv = specmod.resolve_command(image.run_config, opts.entrypoint, opts.args)
+        # `-e KEY` takes the caller's value now (as docker's client does), or is dropped
+        opts.env = [e if "=" in e else f"{e}={os.environ[e]}" for e in opts.env
+                    if "=" in e or e in os.environ]
         rec = {
             "id": cid,
             "name": name or _random_name(),
@@ -309,8 +312,6 @@ class Containers:
             cfg = image.run_config
             uid, gid, groups, home = specmod.resolve_user(rootfs, opts.user or cfg.get("User") or None)
             env = specmod.merge_env(cfg.get("Env") or [], opts.env)
-            if home and not any(e.startswith("HOME=") for e in env):
-                env.append(f"HOME={home}")
             cwd = opts.workdir or cfg.get("WorkingDir") or "/"
             if not cwd.startswith("/"):
                 cwd = "/" + cwd
@@ -318,7 +319,7 @@ class Containers:
             config = specmod.make_spec(
                 rootfs=rootfs, args=c.rec["argv"], env=env, cwd=cwd, uid=uid, gid=gid,
                 additional_gids=groups, terminal=opts.tty, hostname=opts.hostname or c.short_id,
-                network=opts.network, volumes=vols,
+                network=opts.network, volumes=vols, home=home,
             )
             write_atomic(c.path("bundle", "config.json"), json.dumps(config, indent=2).encode())
             subprocess.run(runtime_argv(opts.runtime, "delete", "-f", c.runtime_id), capture_output=True)
