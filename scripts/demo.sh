@@ -283,6 +283,32 @@ else
 fi
 run umount "$KMNT"
 
+section "11. Containers: import a busybox image, run, diff, commit, history"
+STORE=${UNIONFUSE_ROOT:-/var/lib/unionfuse}
+note "store: $STORE (set UNIONFUSE_ROOT to use another)"
+uf() { unionfuse --root "$STORE" "$@"; }
+run bash "$ROOT/scripts/busybox-rootfs.sh" "$DEMO/busybox.tar"
+run uf import "$DEMO/busybox.tar" busybox --change 'CMD ["/bin/sh"]'
+run uf images
+CNAME=demo-$$
+run uf run --name "$CNAME" busybox sh -c \
+    'echo "hello from a container" > /hello; rm /etc/hostname; mkdir -p /srv/app; echo built > /srv/app/info; id; exit 3' \
+    || code=$?
+check "run returns the container's exit code (3)" same "${code:-0}" 3
+changes=$(uf diff "$CNAME")
+run uf diff "$CNAME"
+check "diff: A /hello" grep -qx 'A /hello' <<<"$changes"
+check "diff: D /etc/hostname" grep -qx 'D /etc/hostname' <<<"$changes"
+check "diff: C /etc" grep -qx 'C /etc' <<<"$changes"
+run uf commit -m "demo change" "$CNAME" demo-busybox
+run uf history demo-busybox
+out=$(uf run --rm demo-busybox cat /hello /srv/app/info)
+run_sh "unionfuse run --rm demo-busybox cat /hello /srv/app/info"
+check "the committed image has the change" same "$out" "$(printf 'hello from a container\nbuilt')"
+run uf rm "$CNAME"
+check "no container mount is left" bash -c "! grep -q ' $STORE/containers/' /proc/self/mountinfo"
+note "interactive: unionfuse run -it --name example busybox /bin/sh"
+
 section "Done"
 if [ "$failures" -gt 0 ]; then
     echo "demo.sh: $failures check(s) failed" >&2
