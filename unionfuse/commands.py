@@ -387,9 +387,8 @@ def cmd_run(a) -> int:
         env=a.env, workdir=a.workdir, user=a.user, volumes=a.volume, network=a.network,
         hostname=a.hostname, tty=a.tty, interactive=a.interactive,
         driver=_default_driver(a, store), runtime=a.run_runtime or a.runtime,
+        auto_remove=a.rm and a.detach,
     )
-    if a.detach and a.rm:
-        pass  # allowed: removed by the shim's owner on exit? keep simple: removed on next prune
     c = cs.create(image, a.image, a.name, opts)
     if a.detach:
         try:

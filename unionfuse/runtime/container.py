@@ -57,6 +57,7 @@ class RunOptions:
     interactive: bool = False
     driver: str = "fuse"
     runtime: str | None = None
+    auto_remove: bool = False  # run -d --rm: the shim removes the container when it exits
 
 
 def default_runtime() -> str:
@@ -289,12 +290,15 @@ class Containers:
         os.dup2(fd, 2)
         os.close(fd)
         try:
-            return self._run(c, attached=False)
+            code = self._run(c, attached=False)
         except UnionfuseError as e:
             c.reload()
             c.rec["error"] = str(e)
             c.save()
             return 125
+        if c.rec["options"].get("auto_remove"):
+            self.remove(c, force=True)
+        return code
 
     def _run(self, c: Container, attached: bool, debug: bool = False) -> int:
         opts = RunOptions(**c.rec["options"])
