@@ -614,3 +614,123 @@ def _fresh_kernel_lowers(template, tmp_path) -> list[Path]:
         cp_a(src, base / src.name)
         out.append(base / src.name)
     return out
+
+
+def test_open_handles(pair):
+    """Open file descriptors across copy-up, unlink and rename."""
+    p = pair
+
+    def ro_then_copyup(r):
+        fd = os.open(J(r, "m644"), os.O_RDONLY)
+        try:
+            write(J(r, "m644"), b"NEW!", os.O_WRONLY)          # copy-up through another open
+            return os.pread(fd, 100, 0), os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def unlinked_open(r):
+        fd = os.open(J(r, "low3only"), os.O_RDWR)
+        try:
+            os.unlink(J(r, "low3only"))
+            os.pwrite(fd, b"still here", 0)
+            st_ = os.fstat(fd)
+            return os.pread(fd, 100, 0), st_.st_nlink, outcome(os.lstat, J(r, "low3only"))[0]
+        finally:
+            os.close(fd)
+
+    def renamed_open(r):
+        fd = os.open(J(r, "tree/sub/b"), os.O_RDWR | os.O_APPEND)
+        try:
+            os.rename(J(r, "tree"), J(r, "tree_moved"))
+            os.write(fd, b"+appended")
+            return read(J(r, "tree_moved/sub/b"))
+        finally:
+            os.close(fd)
+
+    def replaced_open(r):
+        fd = os.open(J(r, "xa"), os.O_RDONLY)
+        try:
+            write(J(r, "xa.new"), b"replacement", os.O_WRONLY | os.O_CREAT)
+            os.rename(J(r, "xa.new"), J(r, "xa"))
+            return os.pread(fd, 100, 0), read(J(r, "xa"))
+        finally:
+            os.close(fd)
+
+    def dir_handle(r):
+        fd = os.open(J(r, "d"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            a = sorted(os.listdir(fd))
+            write(J(r, "d/added"), b"", os.O_WRONLY | os.O_CREAT)
+            os.unlink(J(r, "d/keep"))
+            return a, sorted(os.listdir(fd))      # listdir(fd) rewinds
+        finally:
+            os.close(fd)
+
+    def hardlink_alias_after_dir_rename(r):
+        os.rename(J(r, "hl/sub"), J(r, "hlsub_moved"))
+        write(J(r, "hl/one"), b"via one\n", os.O_WRONLY | os.O_TRUNC)
+        return (read(J(r, "hlsub_moved/three")), os.lstat(J(r, "hlsub_moved/three")).st_nlink,
+                os.lstat(J(r, "hlsub_moved/three")).st_ino == os.lstat(J(r, "hl/two")).st_ino)
+
+    def ftruncate_lower(r):
+        fd = os.open(J(r, "m600"), os.O_RDWR)
+        try:
+            os.ftruncate(fd, 2)
+            os.fchmod(fd, 0o640)
+            return os.pread(fd, 100, 0), lstat(J(r, "m600"))
+        finally:
+            os.close(fd)
+
+    for fn in (ro_then_copyup, unlinked_open, renamed_open, replaced_open, dir_handle,
+               hardlink_alias_after_dir_rename, ftruncate_lower):
+        p.same(fn.__name__, fn)
+    p.finish()
+
+
+def test_as_other_user(pair):
+    """Files created by a non-root caller are owned by the caller (daemon runs as root)."""
+    p = pair
+    from conftest import allow_traverse, run_as
+
+    allow_traverse(J(p.u, "x"))
+    allow_traverse(J(p.k, "x"))
+
+    def as_user(fn):
+        return lambda r: run_as(1000, 1000, fn, r)
+
+    def mk(r):
+        write(J(r, "sticky/mine"), b"m", os.O_WRONLY | os.O_CREAT, 0o640)
+        os.mkdir(J(r, "sticky/mydir"))
+        os.symlink("t", J(r, "sticky/mylink"))
+        return [lstat(J(r, "sticky", n)) for n in ("mine", "mydir", "mylink")]
+
+    p.same("create as uid 1000", as_user(mk))
+    p.same("unlink root's file in sticky dir", as_user(lambda r: os.unlink(J(r, "sticky/inner"))))
+    p.same("write root-owned 0644 file", as_user(lambda r: write(J(r, "m644"), b"x", os.O_WRONLY)))
+    p.same("read 0600 root file", as_user(lambda r: read(J(r, "m600"))))
+    p.same("chmod own file", as_user(lambda r: os.chmod(J(r, "owned"), 0o600)))
+    p.same("chown away", as_user(lambda r: os.chown(J(r, "owned"), 0, 0)))
+    p.same("write owned", as_user(lambda r: write(J(r, "owned"), b"mine now", os.O_WRONLY | os.O_TRUNC)))
+    p.same("write to suid_owned (kills suid)", as_user(lambda r: write(J(r, "suid_owned"), b"x", os.O_WRONLY)))
+    p.same("stat suid_owned", lambda r: lstat(J(r, "suid_owned")))
+    p.finish()
+
+
+def test_oci_whiteout_mode(mounts, tmp_path, template):
+    """--whiteout oci: the same changes look the same as on the kernel, also after a
+    unionfuse remount (the upper holds .wh. files instead of char devices)."""
+    p = Pair(mounts, tmp_path / "pair", template, extra=("--whiteout", "oci"))
+    p.same("mutate", _mutate)
+    p.check_trees("after mutate")
+    shown = tree(p.u)
+    p.daemon.stop()
+    d2 = mounts.union(p.ulowers, p.uupper, p.uwork, mountpoint=tmp_path / "remount", extra=("--whiteout", "oci"))
+    again = tree(d2.mountpoint)
+    if again != shown:
+        p.mismatches.append("unionfuse (oci) remount shows a different tree:\n" +
+                            "\n".join(diff_dicts(again, shown, "remount", "before")))
+    chr_wh = [os.path.join(dp, n) for dp, dn, fn in os.walk(p.uupper) for n in fn
+              if stat.S_ISCHR(os.lstat(os.path.join(dp, n)).st_mode)]
+    p.expect("no char-dev whiteouts in an oci-mode upper", chr_wh, [])
+    p.check_lowers()
+    assert not p.mismatches, "differences:\n" + "\n".join(p.mismatches)

@@ -41,6 +41,7 @@ class Node:
         "deleted",
         "lock",
         "last_st",
+        "orphan",
         "__weakref__",
     )
 
@@ -60,6 +61,7 @@ class Node:
         self.deleted = False
         self.lock = None
         self.last_st: os.stat_result | None = None
+        self.orphan: bytes | None = None  # copy of an unlinked-but-open lower file
 
     def path(self) -> bytes | None:
         """Merged path relative to the mount root, or None if no name leads here."""

@@ -183,6 +183,8 @@ class UnionOperations(pyfuse3.Operations):
                 return None if p is None else self._up(p)
             i, rel = node.lowers[0]
             return self.layers.real(i, rel)
+        if node.orphan is not None:
+            return node.orphan
         if node.index is not None and node.in_upper:
             return self._index_path(node.index)
         if node.in_upper:
@@ -370,9 +372,13 @@ class UnionOperations(pyfuse3.Operations):
                     node.in_upper = True
                     for parent, name in list(node.aliases):
                         self._link_alias(node, parent, name)
-                else:
-                    if not node.aliases:
+                elif not node.aliases:
+                    # unlinked but open: the copy lives in the work dir until closed
+                    if not node.handles:
                         raise _err(errno.ENOENT)
+                    node.orphan = tmp
+                    node.in_upper = True
+                else:
                     parent, name = node.aliases[0]
                     self._copy_up_dir(parent)
                     pdir = self._up(self._path(parent))
@@ -381,7 +387,8 @@ class UnionOperations(pyfuse3.Operations):
                     restore()
                     node.in_upper = True
             except BaseException:
-                copyup.remove_tree(tmp)
+                if node.orphan != tmp:
+                    copyup.remove_tree(tmp)
                 raise
             self._reopen_handles(node)
 
@@ -417,9 +424,14 @@ class UnionOperations(pyfuse3.Operations):
         else:
             os.close(os.open(os.path.join(real_dir, WH_OPAQUE), os.O_CREAT | os.O_WRONLY, 0o600))
 
+    def _dev_whiteout(self, name: bytes) -> bool:
+        """Write this name's whiteout as a 0/0 device?  (Always in overlay mode; in oci
+        mode too when ".wh." + name would be longer than NAME_MAX.)"""
+        return self.whiteout == "overlay" or len(WH_PREFIX + name) > 255
+
     def _make_whiteout(self, ppath: bytes, name: bytes) -> None:
         """A whiteout at a free name in the upper (the parent is there already)."""
-        if self.whiteout == "overlay":
+        if self._dev_whiteout(name):
             os.mknod(self._up(join(ppath, name)), stat.S_IFCHR | 0o000, 0)
         else:
             fd = os.open(self._up(join(ppath, WH_PREFIX + name)), os.O_CREAT | os.O_WRONLY, 0o000)
@@ -428,7 +440,7 @@ class UnionOperations(pyfuse3.Operations):
     def _whiteout_upper(self, ppath: bytes, name: bytes, is_dir: bool) -> None:
         """Atomically turn an upper entry into a whiteout."""
         dst = self._up(join(ppath, name))
-        if self.whiteout == "overlay":
+        if self._dev_whiteout(name):
             tmp = self.work.tmpname()
             os.mknod(tmp, stat.S_IFCHR | 0o000, 0)
             if is_dir:
@@ -450,6 +462,8 @@ class UnionOperations(pyfuse3.Operations):
             os.unlink(dst)
 
     def _clear_oci_whiteout(self, ppath: bytes, name: bytes) -> None:
+        if len(WH_PREFIX + name) > 255:
+            return  # can't exist
         try:
             os.unlink(self._up(join(ppath, WH_PREFIX + name)))
         except FileNotFoundError:
@@ -580,6 +594,9 @@ class UnionOperations(pyfuse3.Operations):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
+        if not (fields.update_size or fields.update_uid or fields.update_gid or fields.update_mode
+                or fields.update_atime or fields.update_mtime):
+            return self._entry(node)  # ctime only (the kernel's own bookkeeping)
         self._check_rw()
         h = self.handles.get(fh) if fh is not None else None
         if not isinstance(h, Handle):
@@ -629,6 +646,8 @@ class UnionOperations(pyfuse3.Operations):
         return os.readlink(real)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM)  # that is a whiteout; the kernel refuses it too
         node, _ = await self._create_entry(self._node(parent_inode), name, ctx, mode, rdev=rdev)
         return self._entry(node)
 
@@ -817,12 +836,12 @@ class UnionOperations(pyfuse3.Operations):
         if is_dir and over_whiteout:
             # a dir can't replace a non-dir: swap with the whiteout instead
             renameat2(up_old, up_new, RENAME_EXCHANGE)
-            if not need_wh or self.whiteout != "overlay":
+            if not need_wh or not self._dev_whiteout(name_old):
                 os.unlink(up_old)
                 if need_wh:
                     self._make_whiteout(oldpath, name_old)
             return
-        if need_wh and self.whiteout == "overlay":
+        if need_wh and self._dev_whiteout(name_old):
             if self._rename_whiteout:
                 try:
                     renameat2(up_old, up_new, RENAME_WHITEOUT)
@@ -911,8 +930,15 @@ class UnionOperations(pyfuse3.Operations):
         if h is None:
             return
         os.close(h.fd)
-        h.node.handles.discard(h)
-        self.table.maybe_drop(h.node)
+        node = h.node
+        node.handles.discard(h)
+        if node.orphan is not None and not any(isinstance(x, Handle) for x in node.handles):
+            try:
+                os.unlink(node.orphan)
+            except OSError:
+                pass
+            node.orphan = None
+        self.table.maybe_drop(node)
 
     async def fsync(self, fh, datasync):
         fd = self.handles[fh].fd

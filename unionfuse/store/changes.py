@@ -45,4 +45,6 @@ def changes(upper: str, lowers: list[str]) -> list[tuple[str, str]]:
             p = "/".join(parts[:i])
             if p not in out:
                 out[p] = "C" if in_lowers(p) else "A"
-    return sorted((k, "/" + r) for r, k in out.items())
+    # by path, component by component (docker's walk order: a dir, its contents, then
+    # the next name: /a, /a/b, /a-c), not by kind
+    return [(out[r], "/" + r) for r in sorted(out, key=lambda r: r.split("/"))]

@@ -72,9 +72,10 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
     os.rename(tmp, path)
 
 
-_REF_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_HOST_RE = re.compile(r"^[a-zA-Z0-9.-]+(?::[0-9]+)?$")
-_TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+# docker's reference grammar (distribution/reference); used with fullmatch, ASCII only
+_REF_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*", re.ASCII)
+_HOST_RE = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?", re.ASCII)
+_TAG_RE = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 
 
 def normalize_ref(ref: str) -> str:
@@ -84,12 +85,12 @@ def normalize_ref(ref: str) -> str:
     colon = ref.rfind(":")
     if colon > slash:
         name, tag = ref[:colon], ref[colon + 1:]
-    if not _TAG_RE.match(tag):
+    if not _TAG_RE.fullmatch(tag):
         raise StoreError(f"invalid reference format: bad tag in {ref!r}")
     parts = name.split("/")
     host = parts[0] if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost") else None
     path = "/".join(parts[1:]) if host else name
-    if (host and not _HOST_RE.match(host)) or not _REF_RE.match(path):
+    if (host and not _HOST_RE.fullmatch(host)) or not _REF_RE.fullmatch(path) or len(name) > 255:
         raise StoreError(f"invalid reference format: {ref!r} (names are lowercase letters, digits, "
                          "separators . _ -, and /)")
     return f"{name}:{tag}"
@@ -137,11 +138,31 @@ class Store:
             os.close(fd)
 
     def _clean_tmp(self) -> None:
+        """Remove what dead processes left: staging dirs, gc trash and leases in tmp/
+        (named <pid>-...), and half-written metadata files (NAME.<pid>.<rand>.tmp)."""
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp):
             pid = name.split("-", 1)[0]
-            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            if pid.isdigit() and not _alive(pid):
                 _rmtree(os.path.join(tmp, name))
+        for d in (self.root, os.path.join(self.root, "images")):
+            for name in os.listdir(d):
+                parts = name.split(".")
+                if len(parts) >= 4 and parts[-1] == "tmp" and parts[-3].isdigit() and not _alive(parts[-3]):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(d, name))
+
+    def _lease_path(self, diff_id: str, pid: int | None = None) -> str:
+        return os.path.join(self.root, "tmp", f"{pid or os.getpid()}-lease-{_hex(diff_id)}")
+
+    def _leased_layers(self) -> set[str]:
+        """Layers a live process has just added and not yet put in an image."""
+        out = set()
+        for name in os.listdir(os.path.join(self.root, "tmp")):
+            pid, _, rest = name.partition("-lease-")
+            if rest and pid.isdigit() and _alive(pid):
+                out.add("sha256:" + rest)
+        return out
 
     def staging(self) -> str:
         return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=os.path.join(self.root, "tmp"))
@@ -171,6 +192,7 @@ class Store:
         try:
             diff = os.path.join(stage, "diff")
             os.mkdir(diff, 0o755)
+            os.chmod(diff, 0o755)  # the rootfs "/" unless the tar has a "./" entry
             diff_id, size = tarlayer.apply_tar(stream, diff, label=label)
             return self._commit_layer(stage, diff_id, size)
         finally:
@@ -190,6 +212,7 @@ class Store:
             with open(tar_path, "rb") as f:
                 diff = os.path.join(stage, "diff")
                 os.mkdir(diff, 0o755)
+                os.chmod(diff, 0o755)
                 diff_id, size = tarlayer.apply_tar(f, diff)
             os.unlink(tar_path)
             return self._commit_layer(stage, diff_id, size)
@@ -201,6 +224,9 @@ class Store:
                      canonical_json({"diff_id": diff_id, "size": size, "created": now_iso()}))
         os.chmod(stage, 0o700)
         with self.lock():
+            # until put_image references it, gc_layers (a concurrent rmi/prune) keeps it
+            with open(self._lease_path(diff_id), "wb"):
+                pass
             if self.has_layer(diff_id):
                 return diff_id
             dst = self.layer_path(diff_id)
@@ -222,14 +248,19 @@ class Store:
     # -- images -------------------------------------------------------------------------
 
     def put_image(self, config: dict) -> Image:
-        for d in config.get("rootfs", {}).get("diff_ids", []):
-            if not self.has_layer(d):
-                raise NotFound(f"layer {d} is not in the store")
         data = canonical_json(config)
         image_id = "sha256:" + hashlib.sha256(data).hexdigest()
         path = os.path.join(self.root, "images", _hex(image_id) + ".json")
-        if not os.path.exists(path):
-            write_atomic(path, data)
+        diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+        with self.lock():  # gc_layers can't run between the check and the write
+            for d in diff_ids:
+                if not self.has_layer(d):
+                    raise NotFound(f"layer {d} is not in the store")
+            if not os.path.exists(path):
+                write_atomic(path, data)
+            for d in diff_ids:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._lease_path(d))
         return Image(image_id, config)
 
     def image_by_id(self, image_id: str) -> Image:
@@ -305,7 +336,7 @@ class Store:
         """Remove layers no image (or *keep*) uses.  Returns the removed diff_ids."""
         removed = []
         with self.lock():
-            used = set(keep)
+            used = set(keep) | self._leased_layers()
             for iid in self.image_ids():
                 try:
                     used.update(self.image_by_id(iid).diff_ids)
@@ -331,6 +362,13 @@ def _hex(digest: str) -> str:
     return h
 
 
+def _alive(pid: str | int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
 def _rmtree(path: str) -> None:
-    if os.path.lexists(path):
+    if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)

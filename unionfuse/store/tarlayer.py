@@ -15,8 +15,11 @@ the lowers, private xattrs dropped, entries sorted, hard links kept.
 
 from __future__ import annotations
 
+import bz2
 import errno
+import gzip
 import hashlib
+import lzma
 import os
 import stat
 import tarfile
@@ -27,6 +30,7 @@ from ..fs.union import OVERLAY_NS, Layers, dir_meta, is_whiteout_stat
 
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
+WH_META_PREFIX = ".wh..wh."
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
 XATTR_PAX = "SCHILY.xattr."
@@ -72,6 +76,7 @@ class _Root:
                         raise
                     os.mkdir(comp, 0o755, dir_fd=fd)
                     nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    os.chmod(nfd, 0o755)  # not subject to the umask
                 except OSError as e:
                     if e.errno in (errno.ELOOP, errno.ENOTDIR):
                         raise ValueError(f"parent '{comp}' is not a directory (symlink?)") from None
@@ -102,45 +107,114 @@ def _remove_at(dfd: int, name: str) -> None:
 
 
 def apply_tar(stream: BinaryIO, dest: str, *, label: str = "layer") -> tuple[str, int]:
-    """Unpack an uncompressed (or gzip/bz2/xz: tarfile detects) layer tar into the empty
-    dir *dest*.  Returns (diff_id "sha256:...", bytes read).  The diff_id is the sha256
-    of the uncompressed tar stream."""
-    hasher = _HashingReader(stream)
+    """Unpack an uncompressed (or gzip/bz2/xz) layer tar into the empty dir *dest*.
+    Returns (diff_id "sha256:...", bytes).  The diff_id is the sha256 of the
+    *uncompressed* tar stream and bytes its length."""
+    hasher = _HashingReader(_decompressed(stream, label))
     root = _Root(dest)
-    dir_times: list[tuple[list[str], int]] = []
+    state = _State()
+    bad = (tarfile.TarError, OSError, EOFError, lzma.LZMAError, ValueError)
     try:
         try:
-            tf = tarfile.open(fileobj=hasher, mode="r|*")
-        except tarfile.TarError as e:
-            raise LayerTarError(f"{label}: not a tar archive ({e})") from None
+            tf = tarfile.open(fileobj=hasher, mode="r|", tarinfo=_StrictTarInfo)
+        except bad as e:
+            raise LayerTarError(f"{label}: not a tar archive ({_msg(e)})") from None
         with tf:
             while True:
                 try:
                     ti = tf.next()
-                except tarfile.TarError as e:
-                    raise LayerTarError(f"{label}: broken tar after entry {_last(tf)!r}: {e}") from None
                 except EOFError:
                     raise LayerTarError(f"{label}: tar ends in the middle of entry {_last(tf)!r}") from None
+                except bad as e:
+                    raise LayerTarError(f"{label}: broken tar after entry {_last(tf)!r}: {_msg(e)}") from None
                 if ti is None:
                     break
                 try:
-                    _apply_entry(tf, ti, root, dir_times)
-                except (ValueError, OSError, tarfile.TarError, EOFError) as e:
-                    msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                    raise LayerTarError(f"{label}: entry {ti.name!r}: {msg}") from None
-            hasher.drain()
-        for parts, mtime in reversed(dir_times):
+                    _apply_entry(tf, ti, root, state)
+                except bad as e:
+                    raise LayerTarError(f"{label}: entry {ti.name!r}: {_msg(e)}") from None
             try:
-                pfd = root.open_parent(parts, False)
+                hasher.drain()
+            except bad as e:
+                raise LayerTarError(f"{label}: broken data after the last entry: {_msg(e)}") from None
+        for parts, mtime in reversed(list(state.dir_times.items())):
+            try:
+                if not parts:
+                    os.utime(root.fd, (mtime, mtime))
+                    continue
+                pfd = root.open_parent(list(parts), False)
                 try:
                     os.utime(parts[-1], (mtime, mtime), dir_fd=pfd, follow_symlinks=False)
                 finally:
                     os.close(pfd)
-            except OSError:
+            except (OSError, ValueError):
                 pass
     finally:
         root.close()
     return "sha256:" + hasher.sha.hexdigest(), hasher.count
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile treats a truncated or garbled header after the first entry as the end of
+    the archive, which would import a truncated layer without a word.  Only a zero block
+    (the end-of-archive marker) or a clean end of data between entries ends it here."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.TruncatedHeaderError:
+            raise tarfile.ReadError("data ends inside a header") from None
+        except tarfile.InvalidHeaderError as e:
+            raise tarfile.ReadError(str(e) or "bad header") from None
+
+
+def _msg(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+class _State:
+    """What one apply_tar run has done so far."""
+
+    def __init__(self):
+        self.dir_times: dict[tuple[str, ...], int] = {}  # the last entry for a dir wins
+        self.whiteouts: set[tuple[str, ...]] = set()  # 0/0 devices made from .wh. entries
+
+
+class _Prefixed:
+    def __init__(self, head: bytes, f: BinaryIO):
+        self.head, self.f = head, f
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n is None or n < 0:
+                b, self.head = self.head + self.f.read(), b""
+                return b
+            b, self.head = self.head[:n], self.head[n:]
+            return b
+        return self.f.read(n)
+
+
+def _decompressed(stream: BinaryIO, label: str):
+    """*stream* itself, or a reader of its decompressed bytes (gzip, bzip2, xz)."""
+    head = b""
+    while len(head) < 6:
+        b = stream.read(6 - len(head))
+        if not b:
+            break
+        head += b
+    src = _Prefixed(head, stream)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=src, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(src, "rb")
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(src, "rb")
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        raise LayerTarError(f"{label}: zstd-compressed tars are not supported (decompress it first)")
+    return src
 
 
 def _last(tf) -> str:
@@ -148,11 +222,20 @@ def _last(tf) -> str:
     return members[-1].name if members else "(start)"
 
 
-def _apply_entry(tf: tarfile.TarFile, ti: tarfile.TarInfo, root: _Root, dir_times) -> None:
+def _apply_entry(tf: tarfile.TarFile, ti: tarfile.TarInfo, root: _Root, state: _State) -> None:
     parts = _clean_name(ti.name)
-    if not parts:
-        return  # the root dir itself ("./")
+    if not parts:  # the root dir itself ("./"): its metadata is the layer root's
+        if ti.isdir():
+            os.chown(root.fd, ti.uid, ti.gid)
+            os.chmod(root.fd, ti.mode & 0o7777)
+            _set_xattrs(ti, f"/proc/self/fd/{root.fd}")
+            state.dir_times[()] = int(ti.mtime)
+        return
     base = parts[-1]
+    if any(p.startswith(WH_META_PREFIX) for p in parts) and base != WH_OPAQUE:
+        return  # aufs metadata (.wh..wh.plnk/, .wh..wh.aufs): docker skips it too
+    if any(p.startswith(WH_PREFIX) for p in parts[:-1]):
+        raise ValueError("a '.wh.' name can't be a directory")
     if base.startswith(WH_PREFIX):
         pfd = root.open_parent(parts, True)
         try:
@@ -162,8 +245,26 @@ def _apply_entry(tf: tarfile.TarFile, ti: tarfile.TarInfo, root: _Root, dir_time
                 target = base[len(WH_PREFIX):]
                 if target in ("", ".", ".."):
                     raise ValueError("bad whiteout name")
-                _remove_at(pfd, target)
-                os.mknod(target, stat.S_IFCHR | 0o000, 0, dir_fd=pfd)
+                tparts = tuple(parts[:-1] + [target])
+                try:
+                    st = os.lstat(target, dir_fd=pfd)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and tparts not in state.whiteouts:
+                    # OCI: a whiteout only hides lower layers.  An entry of this layer
+                    # stays; a dir of this layer hides the lower one (opaque), the way
+                    # the union reads a .wh.NAME beside a dir NAME.
+                    if stat.S_ISDIR(st.st_mode):
+                        dfd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                      dir_fd=pfd)
+                        try:
+                            os.setxattr(dfd, OPAQUE_XATTR, b"y")
+                        finally:
+                            os.close(dfd)
+                    return
+                if st is None:
+                    os.mknod(target, stat.S_IFCHR | 0o000, 0, dir_fd=pfd)
+                    state.whiteouts.add(tparts)
         finally:
             os.close(pfd)
         return
@@ -174,12 +275,16 @@ def _apply_entry(tf: tarfile.TarFile, ti: tarfile.TarInfo, root: _Root, dir_time
             existing = os.lstat(base, dir_fd=pfd)
         except FileNotFoundError:
             pass
+        replaces_whiteout = existing is not None and tuple(parts) in state.whiteouts
+        state.whiteouts.discard(tuple(parts))
         if existing is not None and not (ti.isdir() and stat.S_ISDIR(existing.st_mode)):
             _remove_at(pfd, base)
         mode = ti.mode & 0o7777
         if ti.isdir():
             if existing is None or not stat.S_ISDIR(existing.st_mode):
                 os.mkdir(base, 0o700, dir_fd=pfd)
+            if replaces_whiteout:  # .wh.NAME then NAME/ in one layer: a new dir over the old
+                os.setxattr(f"/proc/self/fd/{pfd}/{base}", OPAQUE_XATTR, b"y", follow_symlinks=False)
         elif ti.isreg():
             src = tf.extractfile(ti)
             fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
@@ -197,6 +302,8 @@ def _apply_entry(tf: tarfile.TarFile, ti: tarfile.TarInfo, root: _Root, dir_time
             lparts = _clean_name(ti.linkname)
             if not lparts:
                 raise ValueError("hard link to the layer root")
+            if tuple(lparts) in state.whiteouts:
+                raise ValueError(f"hard link target {ti.linkname!r} is not in this layer")
             lfd = root.open_parent(lparts, False)
             try:
                 lst = os.lstat(lparts[-1], dir_fd=lfd)
@@ -215,24 +322,36 @@ def _apply_entry(tf: tarfile.TarFile, ti: tarfile.TarInfo, root: _Root, dir_time
             os.mkfifo(base, 0o600, dir_fd=pfd)
         else:
             raise ValueError(f"unsupported tar entry type {ti.type!r}")
+        # order that keeps suid and capabilities: chown (clears them) -> chmod -> xattrs
         os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
         if not ti.issym():
             os.chmod(base, mode, dir_fd=pfd)
-        for k, v in (ti.pax_headers or {}).items():
-            if k.startswith(XATTR_PAX):
-                name = k[len(XATTR_PAX):]
-                if name.encode().startswith(OVERLAY_NS):
-                    continue
-                value = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v
-                if ti.issym():
-                    continue
-                os.setxattr(f"/proc/self/fd/{pfd}/{base}", name, value, follow_symlinks=False)
+            _set_xattrs(ti, f"/proc/self/fd/{pfd}/{base}")
         if ti.isdir():
-            dir_times.append((parts, int(ti.mtime)))
+            state.dir_times[tuple(parts)] = int(ti.mtime)
         else:
             os.utime(base, (int(ti.mtime), int(ti.mtime)), dir_fd=pfd, follow_symlinks=False)
     finally:
         os.close(pfd)
+
+
+def _set_xattrs(ti: tarfile.TarInfo, path: str) -> None:
+    """PAX SCHILY.xattr.* -> xattrs of *path* (never followed).  The overlay's own
+    xattrs (trusted.overlay.*, user.overlay.*) are never taken from a tar: they would
+    forge whiteouts, opaque dirs and redirects.  Like docker, an xattr the filesystem
+    refuses (EPERM/ENOTSUP, e.g. user.* on a device) is skipped."""
+    for k, v in (ti.pax_headers or {}).items():
+        if not k.startswith(XATTR_PAX):
+            continue
+        name = k[len(XATTR_PAX):]
+        if name.encode("utf-8", "surrogateescape").startswith(OVERLAY_NS):
+            continue
+        value = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v
+        try:
+            os.setxattr(path, name, value, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP):
+                raise
 
 
 class _HashingReader:
