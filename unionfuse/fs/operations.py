@@ -922,8 +922,8 @@ class UnionOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         return os.pwrite(self.handles[fh].fd, buf, off)
 
-    async def flush(self, fh):
-        pass
+    # No flush handler: pyfuse3 answers ENOSYS once and the kernel stops sending FLUSH on
+    # every close (dirty pages are still written back and their errors reported).
 
     async def release(self, fh):
         h = self.handles.pop(fh, None)
