@@ -21,6 +21,7 @@ CLI commands may run at once.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -225,8 +226,10 @@ class Store:
         os.chmod(stage, 0o700)
         with self.lock():
             # until put_image references it, gc_layers (a concurrent rmi/prune) keeps it
-            with open(self._lease_path(diff_id), "wb"):
+            lease = self._lease_path(diff_id)
+            with open(lease, "wb"):
                 pass
+            _LEASES.add(lease)
             if self.has_layer(diff_id):
                 return diff_id
             dst = self.layer_path(diff_id)
@@ -247,7 +250,10 @@ class Store:
 
     # -- images -------------------------------------------------------------------------
 
-    def put_image(self, config: dict) -> Image:
+    def put_image(self, config: dict, ref: str | None = None) -> Image:
+        """Store an image config; with *ref*, name it in the same locked step (so a
+        concurrent prune can't take the still-untagged image in between)."""
+        ref = normalize_ref(ref) if ref is not None else None
         data = canonical_json(config)
         image_id = "sha256:" + hashlib.sha256(data).hexdigest()
         path = os.path.join(self.root, "images", _hex(image_id) + ".json")
@@ -259,8 +265,11 @@ class Store:
             if not os.path.exists(path):
                 write_atomic(path, data)
             for d in diff_ids:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._lease_path(d))
+                _drop_lease(self._lease_path(d))
+            if ref is not None:
+                refs = self.refs()
+                refs[ref] = image_id
+                self._write_refs(refs)
         return Image(image_id, config)
 
     def image_by_id(self, image_id: str) -> Image:
@@ -288,6 +297,8 @@ class Store:
     def tag(self, image: Image, ref: str) -> str:
         ref = normalize_ref(ref)
         with self.lock():
+            if not os.path.exists(os.path.join(self.root, "images", _hex(image.id) + ".json")):
+                raise NotFound(f"no such image: {image.id}")  # e.g. removed meanwhile
             refs = self.refs()
             refs[ref] = image.id
             self._write_refs(refs)
@@ -360,6 +371,22 @@ def _hex(digest: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{64}", h):
         raise StoreError(f"bad digest {digest!r}")
     return h
+
+
+_LEASES: set[str] = set()  # this process's lease files
+
+
+def _drop_lease(path: str) -> None:
+    _LEASES.discard(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+@atexit.register
+def _drop_leases() -> None:  # a lease only matters while its process lives
+    for path in list(_LEASES):
+        if path.startswith(f"{os.path.dirname(path)}/{os.getpid()}-"):
+            _drop_lease(path)
 
 
 def _alive(pid: str | int) -> bool:
