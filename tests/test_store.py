@@ -598,8 +598,6 @@ def test_cli_root_override(tmp_path, tars):
         "viaenv:latest" not in json.load(open("/var/lib/unionfuse/refs.json"))
 
 
-@pytest.mark.xfail(reason="commands.cmd_import applies --change after storing the layer: a bad "
-                   "--change leaves an unreferenced layer (commands.py, not store)", strict=False)
 def test_cli_bad_change_stores_no_layer(tmp_path, tars):
     t1, t2 = tars
     root = tmp_path / "r"

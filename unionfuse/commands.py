@@ -161,6 +161,10 @@ def cmd_import(a) -> int:
     src = a.source
     if a.ref:
         normalize_ref(a.ref)  # fail before any work
+    # the config changes are checked before a layer is stored
+    cfg = imageconfig.new_config([], created_by="", comment=a.message or f"Imported from {src}")
+    for ch in a.change:
+        imageconfig.apply_change(cfg, ch)
     if src == "-":
         diff_id = store.add_layer_tar(sys.stdin.buffer, label="stdin")
     elif os.path.isdir(src):
@@ -172,12 +176,8 @@ def cmd_import(a) -> int:
             raise UsageError(f"can't read {src}: {e.strerror}") from None
         with f:
             diff_id = store.add_layer_tar(f, label=src)
-    cfg = imageconfig.new_config([diff_id], created_by="", comment=a.message or f"Imported from {src}")
-    for ch in a.change:
-        imageconfig.apply_change(cfg, ch)
-    image = store.put_image(cfg)
-    if a.ref:
-        store.tag(image, a.ref)
+    cfg["rootfs"]["diff_ids"] = [diff_id]
+    image = store.put_image(cfg, ref=a.ref)
     print(image.id)
     return 0
 
@@ -544,15 +544,14 @@ def cmd_commit(a) -> int:
     if a.ref:
         normalize_ref(a.ref)
     parent = c.image()
-    diff_id = store.add_layer_from_dir(c.path("upper"), lowers=c.lower_dirs())
     created_by = " ".join(c.rec["argv"])
-    cfg = imageconfig.child_config(parent.config, diff_id, created_by, a.message)
+    cfg = imageconfig.child_config(parent.config, None, created_by, a.message)
+    cfg["history"][-1].pop("empty_layer", None)
     if a.author:
         cfg["author"] = a.author
-    for ch in a.change:
+    for ch in a.change:  # checked before a layer is stored
         imageconfig.apply_change(cfg, ch)
-    image = store.put_image(cfg)
-    if a.ref:
-        store.tag(image, a.ref)
+    cfg["rootfs"]["diff_ids"].append(store.add_layer_from_dir(c.path("upper"), lowers=c.lower_dirs()))
+    image = store.put_image(cfg, ref=a.ref)
     print(image.id)
     return 0

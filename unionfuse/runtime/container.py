@@ -333,14 +333,14 @@ class Containers:
             c.save()
             code = _run_forwarding_signals(argv, stdin)
         except BaseException:
-            c.rec.update(state="exited", finished_at=now_iso(), exit_code=c.rec.get("exit_code") or 125)
-            c.save()
             self._cleanup_runtime(c)
+            c.rec.update(state="exited", finished_at=now_iso(), exit_code=c.rec.get("exit_code") or 125,
+                         daemon_pid=None)
+            c.save()
             raise
-        c.rec.update(state="exited", exit_code=code, finished_at=now_iso())
-        c.save()
+        # unmounted (and the daemon gone) before anyone can see "exited"
         self._cleanup_runtime(c)
-        c.rec["daemon_pid"] = None
+        c.rec.update(state="exited", exit_code=code, finished_at=now_iso(), daemon_pid=None)
         c.save()
         return code
 
