@@ -402,6 +402,8 @@ def cmd_run(a) -> int:
     except UnionfuseError as e:
         if a.rm:
             cs.remove(c, force=True)
+        if e.exit_code in (126, 127):
+            raise
         raise RunError(str(e)) from None
     if a.rm:
         cs.remove(c, force=True)

@@ -319,6 +319,7 @@ class Containers:
             cwd = opts.workdir or cfg.get("WorkingDir") or "/"
             if not cwd.startswith("/"):
                 cwd = "/" + cwd
+            specmod.check_executable(rootfs, c.rec["argv"][0], env, cwd)
             vols = [specmod.parse_volume(v) for v in opts.volumes]
             config = specmod.make_spec(
                 rootfs=rootfs, args=c.rec["argv"], env=env, cwd=cwd, uid=uid, gid=gid,

@@ -551,3 +551,39 @@ def make_spec(*, rootfs: str, args: Sequence[str], env: Sequence[str], cwd: str,
             "readonlyPaths": list(READONLY_PATHS),
         },
     }
+
+
+class CommandNotRunnable(UsageError):
+    """The container's command is missing (127) or not executable (126), as docker says."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.exit_code = code
+
+
+def check_executable(rootfs: str, argv0: str, env: Sequence[str], cwd: str = "/") -> None:
+    """Raise CommandNotRunnable unless *argv0* names an executable file in the rootfs
+    (looked up in the container's PATH when it has no slash; resolved inside the rootfs)."""
+    if "/" in argv0:
+        candidates = [argv0 if argv0.startswith("/") else os.path.join(cwd, argv0)]
+    else:
+        path = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
+        candidates = [os.path.join(d or ".", argv0) if d.startswith("/") else os.path.join(cwd, d, argv0)
+                      for d in path.split(":")]
+    found_not_exec = None
+    for cand in candidates:
+        fd = open_in_root(rootfs, cand)
+        if fd is None:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+        finally:
+            os.close(fd)
+        if mode & 0o111:
+            return
+        found_not_exec = cand
+    if found_not_exec is not None:
+        raise CommandNotRunnable(f'exec: "{argv0}": permission denied', 126)
+    where = "in $PATH" if "/" not in argv0 else ""
+    raise CommandNotRunnable(f'exec: "{argv0}": executable file not found {where}'.strip()
+                             if where else f'exec: "{argv0}": no such file or directory', 127)
