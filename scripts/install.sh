@@ -25,7 +25,11 @@ PYEXE=$("$PY" -c 'import sys; print(sys.executable)')
 # fuse3: fusermount3, mount.fuse3, /etc/fuse.conf   libfuse3-dev + pkg-config + gcc: build pyfuse3
 # crun, runc: OCI runtimes (runner)   fuse-overlayfs: peer for comparisons
 # busybox-static: tiny rootfs for tests   attr: getfattr/setfattr   systemd: systemd-analyze
-pkgs=(fuse3 libfuse3-dev pkg-config gcc crun runc fuse-overlayfs busybox-static attr systemd)
+pkgs=(fuse3 libfuse3-dev pkg-config gcc crun runc fuse-overlayfs busybox-static attr systemd
+      debootstrap zstd apache2-utils)
+# Peers for the interop tests and benchmarks, installed with their recommended packages
+# (podman needs conmon, catatonit, ...): skopeo umoci podman docker-registry.
+peer_pkgs=(skopeo umoci podman docker-registry)
 # pyfuse3 compiles against the interpreter's headers; pyenv ships them, Debian's python3 does not.
 PYINC=$("$PYEXE" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 [ -f "$PYINC/Python.h" ] || pkgs+=(python3-dev)
@@ -34,11 +38,20 @@ missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
-if [ "${#missing[@]}" -gt 0 ]; then
-    say "installing ${missing[*]}"
+missing_peers=()
+for p in "${peer_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing_peers+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ] || [ "${#missing_peers[@]}" -gt 0 ]; then
+    say "installing ${missing[*]} ${missing_peers[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if [ "${#missing_peers[@]}" -gt 0 ]; then
+        apt-get install -y -qq "${missing_peers[@]}" >/dev/null
+    fi
 fi
 
 # --- /dev/fuse ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from .errors import UnionfuseError, UsageError
 SUBCOMMANDS = (
     "mount", "umount", "unmount", "import", "images", "tag", "rmi", "inspect", "history", "prune",
     "run", "ps", "start", "stop", "kill", "rm", "logs", "exec", "diff", "commit", "_shim",
+    "save", "load", "pull", "push", "build",
 )
 
 log = logging.getLogger("unionfuse")
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         # mount.fuse3 runs `unionfuse SOURCE MOUNTPOINT -o OPTIONS`
-        helper = len(argv) >= 2 and not argv[0].startswith("-") and (
-            argv[0] not in SUBCOMMANDS or (len(argv) >= 3 and argv[2] == "-o" and argv[0] != "mount"))
+        # (the SOURCE word is free-form; fstab examples use "unionfuse")
+        helper = len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS
         if helper:
             _setup_logging(False)
             return helper_main(argv)

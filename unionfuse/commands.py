@@ -10,6 +10,7 @@ import sys
 
 from . import fmt
 from .errors import UnionfuseError, UsageError
+from .oci import local as oci_local
 from .runtime.container import Containers, RunOptions
 from .store import imageconfig
 from .store.changes import changes
@@ -118,6 +119,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("_shim", help=argparse.SUPPRESS)
     p.add_argument("container")
 
+    from .oci import cli as oci_cli
+
+    oci_cli.add_parsers(sub)
+
 
 def _run_flags(p) -> None:
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
@@ -147,6 +152,10 @@ def _default_driver(a, store: Store) -> str:
 
 
 def dispatch(a) -> int:
+    from .oci import cli as oci_cli
+
+    if a.command in oci_cli.COMMANDS:
+        return oci_cli.dispatch(a)
     fn = globals().get("cmd_" + a.command.lstrip("_").replace("-", "_"))
     if fn is None:
         raise UsageError(f"unknown command {a.command}")
@@ -166,7 +175,7 @@ def cmd_import(a) -> int:
     for ch in a.change:
         imageconfig.apply_change(cfg, ch)
     if src == "-":
-        diff_id = store.add_layer_tar(sys.stdin.buffer, label="stdin")
+        diff_id = oci_local.add_layer_tar_recorded(store, sys.stdin.buffer, label="stdin")
     elif os.path.isdir(src):
         diff_id = store.add_layer_from_dir(src)
     else:
@@ -175,7 +184,8 @@ def cmd_import(a) -> int:
         except OSError as e:
             raise UsageError(f"can't read {src}: {e.strerror}") from None
         with f:
-            diff_id = store.add_layer_tar(f, label=src)
+            # keeps a record of the exact tar, so save/push give back the same diff_id
+            diff_id = oci_local.add_layer_tar_recorded(store, f, label=src)
     cfg["rootfs"]["diff_ids"] = [diff_id]
     image = store.put_image(cfg, ref=a.ref)
     print(image.id)
