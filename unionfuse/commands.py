@@ -10,6 +10,7 @@ import sys
 
 from . import fmt
 from .errors import UnionfuseError, UsageError
+from .build.cli import cmd_build  # noqa: F401  (dispatch finds cmd_<name>)
 from .oci import local as oci_local
 from .runtime.container import Containers, RunOptions
 from .store import imageconfig
@@ -122,6 +123,10 @@ def add_parsers(sub) -> None:
     from .oci import cli as oci_cli
 
     oci_cli.add_parsers(sub)
+
+    from .build.cli import add_parser as add_build_parser
+
+    add_build_parser(sub)
 
 
 def _run_flags(p) -> None:

@@ -600,32 +600,36 @@ class UnionOperations(pyfuse3.Operations):
         self._check_rw()
         h = self.handles.get(fh) if fh is not None else None
         if not isinstance(h, Handle):
-            h = None
+            h = next((x for x in node.handles if isinstance(x, Handle)), None)
         if not node.in_upper:
+            if h is None and not node.is_dir and not node.aliases:
+                # unlinked and closed (e.g. the file a rename replaced): nothing can see
+                # it any more; the kernel is only flushing its cached times
+                return self._entry(node)
             trunc = fields.update_size and attr.st_size == 0 and not node.is_dir
             await self._copy_up(node, data=not trunc)
-        use_fd = h is not None and (node.deleted or node.path() is None)
-        real = None if use_fd else self._real(node)
-        if real is None and h is None:
-            raise _err(errno.ENOENT)
-        target = h.fd if real is None else real
+        real = self._real(node)
+        if real is None:
+            if h is None:
+                return self._entry(node)  # an unlinked upper file nobody has open
+            fd = h.fd
         if fields.update_size:
-            if h is not None:
-                os.ftruncate(h.fd, attr.st_size)
+            if real is None:
+                os.ftruncate(fd, attr.st_size)
             else:
                 os.truncate(real, attr.st_size)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
             if real is None:
-                os.fchown(h.fd, uid, gid)
+                os.fchown(fd, uid, gid)
             else:
                 os.chown(real, uid, gid, follow_symlinks=False)
         if fields.update_mode:
             st = self._stat(node)
             if not stat.S_ISLNK(st.st_mode):
                 if real is None:
-                    os.fchmod(h.fd, stat.S_IMODE(attr.st_mode))
+                    os.fchmod(fd, stat.S_IMODE(attr.st_mode))
                 else:
                     os.chmod(real, stat.S_IMODE(attr.st_mode))
         if fields.update_atime or fields.update_mtime:
@@ -633,7 +637,7 @@ class UnionOperations(pyfuse3.Operations):
             atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
             mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
             if real is None:
-                os.utime(target, ns=(atime, mtime))
+                os.utime(fd, ns=(atime, mtime))
             else:
                 os.utime(real, ns=(atime, mtime), follow_symlinks=False)
         return self._entry(node)

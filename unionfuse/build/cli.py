@@ -1,0 +1,76 @@
+"""``unionfuse build``: argument parsing and the command (wired in by commands.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ..errors import UsageError
+from ..store.store import Store
+from .executor import BuildOptions, Builder
+from .progress import Progress
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("build", help="build an image from a Dockerfile",
+                       description="Build an image from a Dockerfile and a context directory, "
+                       "one layer per RUN/COPY/ADD, with a build cache.")
+    p.add_argument("-t", "--tag", action="append", default=[], metavar="NAME[:TAG]",
+                   help="name the result (repeatable)")
+    p.add_argument("-f", "--file", metavar="PATH", help="the Dockerfile (default CONTEXT/Dockerfile; - for stdin)")
+    p.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="set a build-time variable (KEY alone: from the environment)")
+    p.add_argument("--no-cache", action="store_true", help="don't use the build cache")
+    p.add_argument("--target", metavar="STAGE", help="build up to this stage")
+    p.add_argument("--progress", choices=("auto", "plain", "tty"), default="auto",
+                   help="output style (auto: tty on a terminal, else plain)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the image id")
+    p.add_argument("--network", choices=("none", "host"), default="none",
+                   help="network for RUN steps (default none)")
+    p.add_argument("context", metavar="CONTEXT")
+
+
+def _build_args(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        k, eq, v = it.partition("=")
+        if not k:
+            raise UsageError(f"invalid --build-arg {it!r}: expected KEY=VALUE")
+        if eq:
+            out[k] = v
+        elif k in os.environ:
+            out[k] = os.environ[k]
+    return out
+
+
+def _driver(a, store: Store) -> str:
+    if getattr(a, "storage_driver", None):
+        return a.storage_driver
+    env = os.environ.get("UNIONFUSE_STORAGE_DRIVER")
+    if env:
+        return env
+    try:
+        with open(os.path.join(store.root, "config.json")) as f:
+            return json.load(f).get("storage-driver", "fuse")
+    except (OSError, ValueError):
+        return "fuse"
+
+
+def cmd_build(a) -> int:
+    store = Store(getattr(a, "root", None))
+    if a.quiet:
+        mode = "quiet"
+    elif a.progress == "auto":
+        mode = "tty" if sys.stdout.isatty() else "plain"
+    else:
+        mode = a.progress
+    opts = BuildOptions(
+        context=a.context, dockerfile=a.file, tags=list(a.tag), build_args=_build_args(a.build_arg),
+        no_cache=a.no_cache, target=a.target, network=a.network, driver=_driver(a, store),
+        runtime=getattr(a, "runtime", None),
+    )
+    if not os.path.isdir(a.context):
+        raise UsageError(f"unable to prepare context: path {a.context!r} not found or not a directory")
+    Builder(store, opts, Progress(mode)).build()
+    return 0
