@@ -390,6 +390,15 @@ def cmd_prune(a) -> int:
 
 
 def cmd_run(a) -> int:
+    try:
+        return _run(a)
+    except UnionfuseError as e:
+        if e.exit_code in (126, 127) or isinstance(e, RunError):
+            raise
+        raise RunError(str(e)) from None  # docker: 125 when the run itself fails
+
+
+def _run(a) -> int:
     store = _store(a)
     cs = Containers(store)
     image = store.resolve(a.image)

@@ -273,7 +273,7 @@ class Containers:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             c.reload()
-            if c.state in ("running", "exited") and c.rec.get("shim_pid") == shim.pid:
+            if c.state == "running" and c.rec.get("shim_pid") == shim.pid:
                 return None
             if shim.poll() is not None:
                 c.reload()
@@ -330,9 +330,13 @@ class Containers:
             subprocess.run(runtime_argv(opts.runtime, "delete", "-f", c.runtime_id), capture_output=True)
             argv = runtime_argv(opts.runtime, "run", "-b", c.path("bundle"), c.runtime_id)
             stdin = None if (attached and (opts.interactive or opts.tty)) else subprocess.DEVNULL
+            proc = subprocess.Popen(argv, stdin=stdin)
+            if not attached:
+                # `run -d` / `start` return once the container runs: wait for the runtime
+                self._wait_running(c, opts.runtime, proc)
             c.rec.update(state="running", started_at=now_iso(), exit_code=None, finished_at=None)
             c.save()
-            code = _run_forwarding_signals(argv, stdin)
+            code = _wait_forwarding_signals(proc)
         except BaseException:
             self._cleanup_runtime(c)
             c.rec.update(state="exited", finished_at=now_iso(), exit_code=c.rec.get("exit_code") or 125,
@@ -344,6 +348,18 @@ class Containers:
         c.rec.update(state="exited", exit_code=code, finished_at=now_iso(), daemon_pid=None)
         c.save()
         return code
+
+    def _wait_running(self, c: Container, runtime: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            res = subprocess.run(runtime_argv(runtime, "state", c.runtime_id), capture_output=True, text=True)
+            if res.returncode == 0:
+                try:
+                    if json.loads(res.stdout).get("status") in ("running", "stopped"):
+                        return
+                except ValueError:
+                    pass
+            time.sleep(0.01)
 
     def _empty_layer(self) -> str:
         p = os.path.join(self.store.root, "empty")
@@ -375,9 +391,12 @@ class Containers:
 
 
 def _run_forwarding_signals(argv: list[str], stdin) -> int:
-    """Run the runtime in the foreground; SIGINT/SIGTERM/SIGHUP reach it (it forwards to
-    the container) while we stay alive to clean up afterwards."""
-    proc = subprocess.Popen(argv, stdin=stdin)
+    return _wait_forwarding_signals(subprocess.Popen(argv, stdin=stdin))
+
+
+def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
+    """Wait for the runtime in the foreground; SIGINT/SIGTERM/SIGHUP reach it (it forwards
+    to the container) while we stay alive to clean up afterwards."""
     old = {}
 
     def forward(sig, frame):
