@@ -41,6 +41,7 @@ from typing import BinaryIO
 from ..errors import UnionfuseError
 from ..store import store as storemod
 from ..store.store import Image, NotFound, Store, canonical_json, write_atomic
+from ..store.tarlayer import HashingReader, HashingWriter  # noqa: F401  (archive.py uses local.HashingReader)
 
 CHUNK = 1 << 20
 
@@ -189,49 +190,6 @@ def discard_layers(store: Store, diff_ids: list[str]) -> None:
 
 
 # -- decompression --------------------------------------------------------------------------
-
-
-class HashingReader:
-    def __init__(self, f: BinaryIO):
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        self.sha.update(b)
-        self.count += len(b)
-        return b
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self.sha.hexdigest()
-
-
-class HashingWriter:
-    def __init__(self, f: BinaryIO | None):
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.count = 0
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        self.count += len(b)
-        if self.f is not None:
-            self.f.write(b)
-        return len(b)
-
-    def flush(self) -> None:
-        if self.f is not None:
-            self.f.flush()
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self.sha.hexdigest()
 
 
 class _Prefixed:

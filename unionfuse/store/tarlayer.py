@@ -110,7 +110,7 @@ def apply_tar(stream: BinaryIO, dest: str, *, label: str = "layer") -> tuple[str
     """Unpack an uncompressed (or gzip/bz2/xz) layer tar into the empty dir *dest*.
     Returns (diff_id "sha256:...", bytes).  The diff_id is the sha256 of the
     *uncompressed* tar stream and bytes its length."""
-    hasher = _HashingReader(_decompressed(stream, label))
+    hasher = HashingReader(_decompressed(stream, label))
     root = _Root(dest)
     state = _State()
     bad = (tarfile.TarError, OSError, EOFError, lzma.LZMAError, ValueError)
@@ -354,7 +354,9 @@ def _set_xattrs(ti: tarfile.TarInfo, path: str) -> None:
                 raise
 
 
-class _HashingReader:
+class HashingReader:
+    """A reader that hashes (sha256) and counts what passes through."""
+
     def __init__(self, f: BinaryIO):
         self.f = f
         self.sha = hashlib.sha256()
@@ -369,6 +371,10 @@ class _HashingReader:
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
 
 
 # -- packing --------------------------------------------------------------------------
@@ -500,7 +506,7 @@ def _j(rel: str, name: str) -> str:
 
 def write_layer_tar(upper: str, out: BinaryIO, layers: Layers | None = None) -> str:
     """Write the OCI layer tar of layer dir *upper* to *out*; return its diff_id."""
-    hw = _HashingWriter(out)
+    hw = HashingWriter(out)
     seen_inodes: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=hw, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         for kind, rel, st, real in iter_layer(upper, layers):
@@ -535,8 +541,10 @@ def write_layer_tar(upper: str, out: BinaryIO, layers: Layers | None = None) -> 
     return "sha256:" + hw.sha.hexdigest()
 
 
-class _HashingWriter:
-    def __init__(self, f: BinaryIO):
+class HashingWriter:
+    """A writer (to *f*, or nowhere) that hashes (sha256) and counts what passes."""
+
+    def __init__(self, f: BinaryIO | None):
         self.f = f
         self.sha = hashlib.sha256()
         self.count = 0
@@ -544,7 +552,17 @@ class _HashingWriter:
     def write(self, b) -> int:
         self.sha.update(b)
         self.count += len(b)
-        return self.f.write(b)
+        if self.f is not None:
+            self.f.write(b)
+        return len(b)
+
+    def flush(self) -> None:
+        if self.f is not None:
+            self.f.flush()
 
     def tell(self) -> int:
         return self.count
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
