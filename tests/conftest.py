@@ -227,3 +227,30 @@ def tree(root) -> dict:
             out[rel] = (S.S_IFMT(st.st_mode), S.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                         st.st_size if not S.S_ISDIR(st.st_mode) else None, extra, xa)
     return out
+
+
+@pytest.fixture(scope="session")
+def debian_tar(tmp_path_factory):
+    """A Debian bookworm rootfs tar from scripts/debian-rootfs.sh, made once per session
+    ($UNIONFUSE_DEBIAN_TAR names a ready one).  Skips when no apt mirror answers."""
+    ready = os.environ.get("UNIONFUSE_DEBIAN_TAR")
+    if ready and os.path.exists(ready):
+        return Path(ready)
+    import urllib.request
+
+    script = REPO / "scripts" / "debian-rootfs.sh"
+    r = subprocess.run(["bash", str(script), "--print-mirror"], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"no apt mirror configured: {r.stderr.strip()}")
+    mirror = r.stdout.strip()
+    try:
+        with urllib.request.urlopen(f"{mirror}/dists/bookworm/Release", timeout=10) as f:
+            f.read(64)
+    except OSError as e:
+        pytest.skip(f"apt mirror {mirror} not reachable: {e}")
+    d = tmp_path_factory.mktemp("debian")
+    out = d / "debian.tar"
+    r = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, TMPDIR=str(d)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

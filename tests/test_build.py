@@ -568,10 +568,8 @@ def test_busybox_example(clean):
 
 
 @pytest.mark.slow
-def test_debian_nginx_example(tmp_path):
-    tar = os.environ.get("UNIONFUSE_DEBIAN_TAR")
-    if not tar or not os.path.exists(tar):
-        pytest.skip("set UNIONFUSE_DEBIAN_TAR to a tar from scripts/debian-rootfs.sh to build the nginx example")
+def test_debian_nginx_example(tmp_path, debian_tar):
+    tar = str(debian_tar)
     root = tmp_path / "store"
     assert uf(root, "import", tar, "debian:bookworm").returncode == 0
     ok(build(root, REPO / "examples" / "nginx", "--network", "host", "-t", "web", timeout=900))
