@@ -303,11 +303,22 @@ check "diff: C /etc" grep -qx 'C /etc' <<<"$changes"
 run uf commit -m "demo change" "$CNAME" demo-busybox
 run uf history demo-busybox
 out=$(uf run --rm demo-busybox cat /hello /srv/app/info)
-run_sh "unionfuse run --rm demo-busybox cat /hello /srv/app/info"
+printf '\n$ unionfuse run --rm demo-busybox cat /hello /srv/app/info\n%s\n' "$out"
 check "the committed image has the change" same "$out" "$(printf 'hello from a container\nbuilt')"
 run uf rm "$CNAME"
 check "no container mount is left" bash -c "! grep -q ' $STORE/containers/' /proc/self/mountinfo"
 note "interactive: unionfuse run -it --name example busybox /bin/sh"
+
+section "12. Build: examples/busybox/Dockerfile (FROM busybox), then a cached rebuild"
+run uf build -t hello "$ROOT/examples/busybox"
+out=$(uf run --rm hello)
+printf '\n$ unionfuse run --rm hello\n%s\n' "$out"
+check "the built image runs its CMD" grep -q "Welcome to a unionfuse-built image." <<<"$out"
+rebuild=$(uf build -t hello "$ROOT/examples/busybox")
+printf '\n$ unionfuse build -t hello examples/busybox   # again: every step from the cache\n'
+echo "$rebuild" | tail -n 4
+check "a rebuild with nothing changed is all cache" bash -c "! grep -q 'Running in' <<<\"\$0\"" "$rebuild"
+run uf history hello
 
 section "Done"
 if [ "$failures" -gt 0 ]; then
