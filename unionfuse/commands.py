@@ -219,7 +219,9 @@ def cmd_images(a) -> int:
         except (NotFound, ValueError):
             continue
     entries = [(r.rsplit(":", 1)[0], r.rsplit(":", 1)[1], images[i]) for r, i in refs.items() if i in images]
-    entries += [("<none>", "<none>", im) for iid, im in images.items() if iid not in tagged]
+    # build steps' intermediate images are hidden unless -a, as docker does
+    hidden = set() if a.all else _build_cache_ids(store)
+    entries += [("<none>", "<none>", im) for iid, im in images.items() if iid not in tagged and iid not in hidden]
     entries.sort(key=lambda e: (e[2].config.get("created", ""), e[0], e[1]), reverse=True)
     if a.quiet:
         seen = []
@@ -273,6 +275,31 @@ def cmd_rmi(a) -> int:
             print(f"unionfuse: {e.message}", file=sys.stderr)
             failed = 1
     return failed
+
+
+def _build_cache_ids(store: Store) -> set[str]:
+    from .build.cache import BuildCache
+
+    return BuildCache(store).image_ids()
+
+
+def _ancestors(store: Store, images: set[str], candidates: set[str]) -> set[str]:
+    """The *candidates* whose layers and history are a prefix of one of *images* (the
+    build steps that led to them)."""
+    def chain(iid):
+        try:
+            cfg = store.image_by_id(iid).config
+        except (NotFound, ValueError):
+            return None
+        return cfg.get("rootfs", {}).get("diff_ids", []), [h.get("created_by") for h in cfg.get("history", [])]
+
+    targets = [c for c in (chain(i) for i in images) if c]
+    out = set()
+    for cand in candidates:
+        c = chain(cand)
+        if c and any(t[0][:len(c[0])] == c[0] and t[1][:len(c[1])] == c[1] for t in targets):
+            out.add(cand)
+    return out
 
 
 def _layers_in_use(store: Store, cs: Containers) -> set[str]:
@@ -374,12 +401,15 @@ def cmd_prune(a) -> int:
         if c.state != "running":
             cs.remove(c)
             print(f"Deleted container: {c.id}")
-    tagged = set(store.refs().values())
-    in_use = cs.images_in_use()
+    keep = set(store.refs().values()) | cs.images_in_use()
+    keep |= _ancestors(store, keep, _build_cache_ids(store))  # build cache of live images
     for iid in store.image_ids():
-        if iid not in tagged and iid not in in_use:
+        if iid not in keep:
             store.delete_image(store.image_by_id(iid))
             print(f"Deleted image: {iid}")
+    from .build.cache import BuildCache
+
+    BuildCache(store).prune()
     removed = store.gc_layers(_layers_in_use(store, cs))
     for d in removed:
         print(f"Deleted layer: {d}")
