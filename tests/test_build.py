@@ -580,3 +580,20 @@ def test_debian_nginx_example(tmp_path, debian_tar):
     r = uf(root, "run", "--rm", "web", "nginx", "-t")
     assert r.returncode == 0, r.stderr
     assert_clean(root)
+
+
+def test_images_hide_intermediates_and_prune_keeps_live_cache(fresh_store, tmp_path):
+    root = fresh_store
+    ctx = write(tmp_path / "ctx", {"Dockerfile": "FROM busybox\nRUN echo one > /one\nRUN echo two > /two\n"})
+    ok(build(root, ctx, "-t", "two"))
+    shown = ok(uf(root, "images")).stdout
+    assert "<none>" not in shown and "two" in shown
+    assert "<none>" in ok(uf(root, "images", "-a")).stdout  # the RUN steps' images
+    ok(uf(root, "prune"))
+    again = ok(build(root, ctx, "-t", "two"))
+    assert "Running in" not in again.stdout  # the cache of a live image survives prune
+    ok(uf(root, "rmi", "two"))
+    ok(uf(root, "prune"))
+    assert "<none>" not in ok(uf(root, "images", "-a")).stdout
+    rebuilt = ok(build(root, ctx, "-t", "two"))
+    assert rebuilt.stdout.count("Running in") == 2  # its stale cache entries went too

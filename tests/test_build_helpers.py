@@ -15,24 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-def _main_cli_has_build() -> bool:
-    try:
-        from unionfuse.cli import SUBCOMMANDS, build_parser
-
-        sub = build_parser()._subparsers._group_actions[0]
-        return "build" in SUBCOMMANDS and "build" in sub.choices
-    except Exception:  # pragma: no cover
-        return False
-
-
-_MAIN_HAS_BUILD = _main_cli_has_build()
-
-
 def build_argv(root) -> list[str]:
-    # the main CLI once `build` is wired in; the package's own entry point until then
-    if _MAIN_HAS_BUILD:
-        return [sys.executable, "-m", "unionfuse", "--root", str(root), "build"]
-    return [sys.executable, "-m", "unionfuse.build", "--root", str(root), "build"]
+    return [sys.executable, "-m", "unionfuse", "--root", str(root), "build"]
 
 
 def uf(root, *args, timeout=120, **kw) -> subprocess.CompletedProcess:
