@@ -587,8 +587,11 @@ def cmd_exec(a) -> int:
 
 def cmd_diff(a) -> int:
     store = _store(a)
-    c = Containers(store).get(a.container)
-    for kind, path in changes(c.path("upper"), c.lower_dirs()):
+    cs = Containers(store)
+    c = cs.get(a.container)
+    with cs.paused(c):
+        found = changes(c.path("upper"), c.lower_dirs())
+    for kind, path in found:
         print(f"{kind} {path}")
     return 0
 
@@ -607,7 +610,8 @@ def cmd_commit(a) -> int:
         cfg["author"] = a.author
     for ch in a.change:  # checked before a layer is stored
         imageconfig.apply_change(cfg, ch)
-    cfg["rootfs"]["diff_ids"].append(store.add_layer_from_dir(c.path("upper"), lowers=c.lower_dirs()))
+    with cs.paused(c):
+        cfg["rootfs"]["diff_ids"].append(store.add_layer_from_dir(c.path("upper"), lowers=c.lower_dirs()))
     image = store.put_image(cfg, ref=a.ref)
     print(image.id)
     return 0

@@ -17,6 +17,7 @@ behind is cleaned up by ``refresh``/``remove`` (lazy unmount, daemon by PID).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +42,36 @@ _CRUN_WRAP = 'umount /sys/fs/cgroup/unified 2>/dev/null; exec crun "$@"'
 
 class RuntimeError_(UnionfuseError):
     pass
+
+
+class AlreadyRunning(Conflict):
+    pass
+
+
+SHIM_ALREADY_RUNNING = 3
+
+
+class _RunLock:
+    """containers/<id>/lock, held (flock) by the process that runs the container."""
+
+    def __init__(self, c: "Container"):
+        self.path = c.path("lock")
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 @dataclass
@@ -195,18 +226,24 @@ class Containers:
     # -- state ----------------------------------------------------------------------------
 
     def refresh(self, c: Container) -> Container:
-        """Notice a container whose shim died: mark it exited and clean up its mount."""
+        """Notice a container whose runner (shim or attached CLI) died: mark it exited
+        and clean up its mount.  The runner holds the container's lock for as long as it
+        lives, so this is immune to pid reuse."""
         if c.state != "running":
             return c
-        pid = c.rec.get("shim_pid")
-        if pid and _alive(pid):
-            return c
-        c.reload()
-        if c.state != "running":
-            return c
-        self._cleanup_runtime(c)
-        c.rec.update(state="exited", exit_code=c.rec.get("exit_code") or 137, finished_at=now_iso())
-        c.save()
+        held = _RunLock(c)
+        if not held.try_acquire():
+            return c  # a runner is alive
+        try:
+            c.reload()
+            if c.state != "running":
+                return c
+            self._cleanup_runtime(c)
+            c.rec.update(state="exited", exit_code=c.rec.get("exit_code") or 137, finished_at=now_iso(),
+                         daemon_pid=None)
+            c.save()
+        finally:
+            held.release()
         return c
 
     def _cleanup_runtime(self, c: Container) -> None:
@@ -237,6 +274,28 @@ class Containers:
                              capture_output=True, text=True)
         if res.returncode != 0 and self.refresh(c).state == "running":
             raise RuntimeError_(f"kill failed: {res.stderr.strip()}")
+
+    def paused(self, c: Container):
+        """Freeze a running container's processes for the duration (docker commit does),
+        so its layer holds still while it is read."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            self.refresh(c)
+            if c.state != "running":
+                yield
+                return
+            runtime = c.rec["options"]["runtime"]
+            res = subprocess.run(runtime_argv(runtime, "pause", c.runtime_id), capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError_(f"can't pause container {c.short_id}: {res.stderr.strip()}")
+            try:
+                yield
+            finally:
+                subprocess.run(runtime_argv(runtime, "resume", c.runtime_id), capture_output=True)
+
+        return cm()
 
     def wait(self, c: Container, timeout: float | None = None) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -276,6 +335,8 @@ class Containers:
             if c.state == "running" and c.rec.get("shim_pid") == shim.pid:
                 return None
             if shim.poll() is not None:
+                if shim.returncode == SHIM_ALREADY_RUNNING:
+                    raise AlreadyRunning(f"container {c.short_id} is already running")
                 c.reload()
                 if c.rec.get("error"):
                     raise RuntimeError_(c.rec["error"])
@@ -291,6 +352,8 @@ class Containers:
         os.close(fd)
         try:
             code = self._run(c, attached=False)
+        except AlreadyRunning:
+            return SHIM_ALREADY_RUNNING
         except UnionfuseError as e:
             c.reload()
             c.rec["error"] = str(e)
@@ -301,6 +364,16 @@ class Containers:
         return code
 
     def _run(self, c: Container, attached: bool, debug: bool = False) -> int:
+        lock = _RunLock(c)
+        if not lock.try_acquire():
+            raise AlreadyRunning(f"container {c.short_id} is already running")
+        try:
+            c.reload()
+            return self._run_locked(c, attached, debug)
+        finally:
+            lock.release()
+
+    def _run_locked(self, c: Container, attached: bool, debug: bool) -> int:
         opts = RunOptions(**c.rec["options"])
         image = c.image()
         rootfs = c.path("rootfs")
@@ -413,14 +486,6 @@ def _wait_forwarding_signals(proc: subprocess.Popen) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     return rc if rc >= 0 else 128 - rc
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _check_name(name: str) -> None:

@@ -423,6 +423,32 @@ def _tarinfo(path: str, name: str, st: os.stat_result) -> tarfile.TarInfo:
     return ti
 
 
+def _listdir_nofollow(path: str) -> list[str]:
+    """listdir that refuses a symlink put in place of a dir (a layer being walked may
+    belong to a live container)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise LayerTarError(f"{path}: changed while being read (not a directory any more)") from None
+        raise
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_same(path: str, st: os.stat_result):
+    """Open the very file that was lstat'ed as *st* (never a symlink swapped in since)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    f = os.fdopen(fd, "rb")
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
+        f.close()
+        raise LayerTarError(f"{path}: changed while being read")
+    return f
+
+
 def iter_layer(upper: str, layers: Layers | None = None) -> Iterator[tuple[str, str, os.stat_result | None, str]]:
     """Walk a layer dir in sorted order, yielding (kind, relpath, stat, realpath) with kind
     'entry', 'whiteout' or 'opaque'.  A dir with a redirect xattr (a renamed lower dir)
@@ -433,7 +459,7 @@ def iter_layer(upper: str, layers: Layers | None = None) -> Iterator[tuple[str, 
         # lowers None: a plain diff; a list: expand, merging with these lower dirs
         names: dict[str, str | None] = {}
         if real is not None:
-            for n in sorted(os.listdir(real)):
+            for n in sorted(_listdir_nofollow(real)):
                 names[n] = os.path.join(real, n)
         wh = {n[len(WH_PREFIX):] for n in names if n.startswith(WH_PREFIX) and n != WH_OPAQUE}
         if lowers:
@@ -534,7 +560,7 @@ def write_layer_tar(upper: str, out: BinaryIO, layers: Layers | None = None) -> 
                     continue
                 seen_inodes[key] = rel
             if ti.type == tarfile.REGTYPE:
-                with open(real, "rb") as f:
+                with _open_same(real, st) as f:
                     tf.addfile(ti, f)
             else:
                 tf.addfile(ti)
