@@ -163,10 +163,17 @@ def test_run_network_none_by_default_host_on_request(clean, tmp_path):
     root = clean
     df = "FROM busybox\nRUN ls /sys/class/net > /net.txt\nRUN --network=host ls /sys/class/net > /net2.txt\n"
     ctx = write(tmp_path / "ctx", {"Dockerfile": df})
-    ok(build(root, ctx, "-t", "net"))
+    # the Dockerfile alone can't take the host's network ...
+    r = build(root, ctx, "-t", "net")
+    assert r.returncode != 0 and "Dockerfile:3: RUN --network=host needs" in r.stderr
+    assert not has_ref(root, "net")
+    # ... the person running the build can give it
+    ok(build(root, ctx, "--network", "host", "-t", "net"))
     host = sorted(os.listdir("/sys/class/net"))
-    assert read(root, "net", "/net.txt").split() == ["lo"]
     assert read(root, "net", "/net2.txt").split() == host
+    ok(build(root, write(tmp_path / "c1", {"Dockerfile": "FROM busybox\nRUN --network=none ls /sys/class/net > /n\n"}),
+             "--network", "host", "-t", "net-none"))
+    assert read(root, "net-none", "/n").split() == ["lo"]
     ok(build(root, write(tmp_path / "c2", {"Dockerfile": "FROM busybox\nRUN ls /sys/class/net > /net.txt\n"}),
              "--network", "host", "--no-cache", "-t", "net-host"))
     assert read(root, "net-host", "/net.txt").split() == host

@@ -120,7 +120,10 @@ class Context:
         if not os.path.isdir(self.path):
             raise ContextError(f"unable to prepare context: path {path!r} is not a directory")
         self.tree = fsops.ScopedRoot(self.path, clamp=False)
-        self.ignore = IgnoreMatcher.from_file(os.path.join(self.path, ".dockerignore"))
+        ignore = os.path.join(self.path, ".dockerignore")
+        if os.path.lexists(ignore) and not os.path.realpath(ignore).startswith(self.path + os.sep):
+            raise ContextError(".dockerignore leads out of the build context")
+        self.ignore = IgnoreMatcher.from_file(ignore)
 
     def close(self) -> None:
         self.tree.close()

@@ -166,6 +166,9 @@ class Builder:
             return sys.stdin.read(), "Dockerfile"
         if path is None:
             path = os.path.join(self.opts.context, "Dockerfile")
+            ctx = os.path.realpath(self.opts.context)
+            if not os.path.realpath(path).startswith(ctx + os.sep):
+                raise BuildError(f"the Dockerfile in {self.opts.context} leads out of the build context")
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
                 return f.read(), os.path.basename(path)
@@ -623,6 +626,10 @@ class Builder:
         network = ins.flags.get("network", "default")
         if network == "default":
             network = self.opts.network
+        elif network == "host" and self.opts.network != "host":
+            # the Dockerfile can't grant itself the host's network (buildkit wants the
+            # network.host entitlement); the person running the build can
+            raise BuildError(f"{self._where(ins)}: RUN --network=host needs `unionfuse build --network host`")
 
         # with the host's network, name resolution needs the host's resolver config (docker
         # and buildkit bind it into every RUN); read-only, so nothing of it lands in the layer
@@ -881,8 +888,8 @@ class Builder:
 
     def _download(self, ins: Instr, url: str, st: StageState):
         where = self._where(ins)
-        fname = posixpath.basename(urllib.parse.urlparse(url).path)
-        if not fname:
+        fname = posixpath.basename(urllib.parse.unquote(urllib.parse.urlparse(url).path))
+        if not fname or fname in (".", "..") or "/" in fname or "\0" in fname:
             raise BuildError(f"{where}: ADD {url}: can't derive a file name from the URL")
         fd, path = tempfile.mkstemp(prefix=f"{os.getpid()}-add-", dir=os.path.join(self.store.root, "tmp"))
         h = hashlib.sha256()
