@@ -749,3 +749,25 @@ def test_rt_nonroot_cannot_escalate(rt):
     out = ok(r).splitlines()
     assert out[-1] == "65534"
     assert any("denied" in ln or "not permitted" in ln for ln in out[:-1])
+
+
+def test_rt_seccomp_blocks_namespaces_and_mounts(rt):
+    out = ok(rt.run(["sh", "-c",
+                     "grep '^Seccomp:' /proc/self/status;"
+                     " unshare -U true 2>/dev/null && echo USERNS;"
+                     " unshare -m true 2>/dev/null && echo MOUNTNS;"
+                     " echo done"]))
+    assert "Seccomp:\t2" in out  # a filter is in force
+    assert "USERNS" not in out and "MOUNTNS" not in out
+    assert out.strip().endswith("done")
+    # ordinary processes and threads still start (clone without namespace flags)
+    assert ok(rt.run(["sh", "-c", "(echo sub) | cat; sleep 0 & wait; echo ok"])).split() == ["sub", "ok"]
+
+
+def test_seccomp_profile_shape():
+    from unionfuse.runtime.spec import default_seccomp
+
+    prof = default_seccomp()
+    assert prof["defaultAction"] == "SCMP_ACT_ALLOW"
+    names = {n for r in prof["syscalls"] for n in r["names"]}
+    assert {"mount", "unshare", "setns", "keyctl", "bpf", "clone", "clone3"} <= names
