@@ -186,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except BrokenPipeError:
         return 141
+    except (OSError, ValueError) as e:
+        # not one of ours: still one line (--debug shows where it came from)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            log.exception("unexpected error")
+        msg = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"unionfuse: {msg}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -389,11 +389,23 @@ def unmount(mountpoint: str, pid: int | None = None, timeout: float = 30.0, lazy
 
 
 def _read_pid(mountpoint: str) -> int | None:
+    """The daemon's pid from its pid file, if that process still is this mount's daemon
+    (a stale file from a killed daemon may name a reused pid)."""
+    path = pid_file(mountpoint)
     try:
-        with open(pid_file(mountpoint)) as f:
-            return int(f.read().strip())
+        with open(path) as f:
+            pid = int(f.read().strip())
+        written = os.stat(path).st_mtime
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        started = os.stat(f"/proc/{pid}").st_ctime
     except (OSError, ValueError):
         return None
+    # the daemon writes the file after it starts: a process younger than the file is
+    # some other process that got the pid of a daemon that died
+    if b"unionfuse" not in cmdline or started > written + 1:
+        return None
+    return pid
 
 
 def wait_pid(pid: int, timeout: float) -> None:

@@ -279,17 +279,29 @@ class Store:
                 data = f.read()
         except FileNotFoundError:
             raise NotFound(f"no such image: {image_id}") from None
-        return Image(image_id, json.loads(data))
+        try:
+            config = json.loads(data)
+        except ValueError as e:
+            raise StoreError(f"image config {image_id} is corrupt: {e}") from None
+        if not isinstance(config, dict):
+            raise StoreError(f"image config {image_id} is corrupt: not a JSON object")
+        return Image(image_id, config)
 
     def image_ids(self) -> list[str]:
         return ["sha256:" + n[:-5] for n in os.listdir(os.path.join(self.root, "images")) if n.endswith(".json")]
 
     def refs(self) -> dict[str, str]:
+        path = os.path.join(self.root, "refs.json")
         try:
-            with open(os.path.join(self.root, "refs.json")) as f:
-                return json.load(f)
+            with open(path) as f:
+                refs = json.load(f)
         except FileNotFoundError:
             return {}
+        except ValueError as e:
+            raise StoreError(f"store metadata is corrupt: {path}: {e}") from None
+        if not isinstance(refs, dict):
+            raise StoreError(f"store metadata is corrupt: {path}: not a JSON object")
+        return refs
 
     def _write_refs(self, refs: dict[str, str]) -> None:
         write_atomic(os.path.join(self.root, "refs.json"), canonical_json(refs))
