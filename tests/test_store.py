@@ -606,3 +606,32 @@ def test_cli_bad_change_stores_no_layer(tmp_path, tars):
     before = listing(root)
     _one_error_line(cli(root, "import", str(t2), "x", "--change", "FROB 1", check=False))
     assert listing(root) == before
+
+
+def test_killed_builder_mount_is_cleared_not_deleted_through(tmp_path):
+    """A dead process's staging dir with a live union mount inside (a builder killed
+    mid-COPY): Store() unmounts it (daemon gone) instead of deleting through the mount."""
+    from unionfuse import mount as mountmod
+
+    root = tmp_path / "r"
+    Store(str(root))
+    stage = root / "tmp" / "999999999-deadbuild"
+    for d in ("low", "upper", "work", "rootfs"):
+        (stage / d).mkdir(parents=True)
+    (stage / "low" / "keep").write_text("k")
+    lower = tmp_path / "outside-lower"
+    lower.mkdir()
+    (lower / "precious").write_text("p")
+    pid = mountmod.mount_layers("fuse", [str(lower)], str(stage / "upper"), str(stage / "work"),
+                                str(stage / "rootfs"))
+    try:
+        assert (stage / "rootfs" / "precious").read_text() == "p"
+        Store(str(root))  # the "next command"
+        assert not mountmod.is_mounted(str(stage / "rootfs")) if stage.exists() else True
+        assert not os.path.exists(stage)
+        assert (lower / "precious").read_text() == "p"  # nothing deleted through the mount
+        deadline = time.time() + 10
+        while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(stage / "rootfs")], capture_output=True)

@@ -145,7 +145,10 @@ class Store:
         for name in os.listdir(tmp):
             pid = name.split("-", 1)[0]
             if pid.isdigit() and not _alive(pid):
-                _rmtree(os.path.join(tmp, name))
+                path = os.path.join(tmp, name)
+                if not _unmount_under(path):
+                    continue  # something is still mounted there: never delete through it
+                _rmtree(path)
         for d in (self.root, os.path.join(self.root, "images")):
             for name in os.listdir(d):
                 parts = name.split(".")
@@ -376,6 +379,22 @@ class Store:
     def layer_dirs(self, image: Image) -> list[str]:
         """The image's layer dirs, top-most first (the daemon's --lower order)."""
         return [self.layer_diff(d) for d in reversed(image.diff_ids)]
+
+
+def _unmount_under(path: str) -> bool:
+    """Unmount what a killed builder left mounted below *path* (its daemons too).
+    True when nothing is mounted there any more."""
+    from .. import mount as mountmod
+
+    prefix = os.fsencode(os.path.realpath(path)) + b"/"
+    with open("/proc/self/mountinfo", "rb") as f:
+        points = [mountmod._unescape_mountinfo(line.split()[4]) for line in f]
+    for mp in sorted((m for m in points if m.startswith(prefix)), key=len, reverse=True):
+        target = os.fsdecode(mp)
+        pid = mountmod._read_pid(target)
+        mountmod.unmount_layers(target, pid, timeout=10)
+    with open("/proc/self/mountinfo", "rb") as f:
+        return not any(mountmod._unescape_mountinfo(line.split()[4]).startswith(prefix) for line in f)
 
 
 def _hex(digest: str) -> str:
