@@ -232,3 +232,60 @@ def test_unreachable_registry(tmp_path):
 
     rc, _, err = oci(tmp_path / "r", "pull", f"127.0.0.1:{free_port()}/x/y:v1", "--tls-verify=false")
     assert rc != 0 and "can't reach registry" in err, err
+
+
+def _archive(tmp_path, manifest, files=None):
+    import io
+    import tarfile
+
+    p = tmp_path / "bad.tar"
+    with tarfile.open(p, "w") as tf:
+        for name, data in {"manifest.json": json.dumps(manifest).encode(), **(files or {})}.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return p
+
+
+@pytest.mark.parametrize("manifest", [[1], [{"Config": 5}], {"not": "a list"}, [{}]])
+def test_malformed_archive_json_is_one_line(tmp_path, manifest):
+    rc, _, err = oci(tmp_path / "r", "load", "-i", _archive(tmp_path, manifest))
+    assert rc != 0 and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1 and err.startswith("unionfuse: ")
+    assert _nothing_stored(tmp_path / "r")
+
+
+def test_config_with_wrong_field_types_is_refused(tmp_path, image_layers):
+    # a docker-archive whose config says Cmd: "ls" (a string, not a list)
+    tar = image_layers[1]
+    cfg = {"architecture": "amd64", "os": "linux", "config": {"Cmd": "ls"},
+           "rootfs": {"type": "layers", "diff_ids": [sha(tar)]}}
+    data = json.dumps(cfg).encode()
+    name = sha(data)[7:] + ".json"
+    p = _archive(tmp_path, [{"Config": name, "RepoTags": ["x:1"], "Layers": ["l.tar"]}],
+                 {name: data, "l.tar": tar})
+    rc, _, err = oci(tmp_path / "r", "load", "-i", p)
+    assert rc != 0 and "config.Cmd must be a list of strings" in err
+    assert _nothing_stored(tmp_path / "r")
+
+
+def test_redirect_loop_is_an_error(tmp_path):
+    class Loop(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Loop)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        rc, _, err = oci(tmp_path / "r", "pull", f"127.0.0.1:{srv.server_port}/x/y:1", "--tls-verify=false")
+        assert rc != 0 and "too many redirects" in err
+    finally:
+        srv.shutdown()

@@ -12,6 +12,7 @@ import sys
 
 from ..errors import UsageError
 from ..store.store import Store
+from .local import OCIError
 
 COMMANDS = ("save", "load", "pull", "push")
 
@@ -77,6 +78,15 @@ def _creds(v: str | None):
 
 
 def dispatch(a) -> int:
+    try:
+        return _dispatch(a)
+    except (AttributeError, KeyError, TypeError, IndexError) as e:
+        # JSON of the wrong shape from an archive or a registry (what was half-stored
+        # has been discarded on the way out)
+        raise OCIError(f"{a.command}: malformed image metadata ({type(e).__name__}: {e})") from None
+
+
+def _dispatch(a) -> int:
     store = Store(a.root)
     cmd = a.command
     if cmd == "save":

@@ -41,6 +41,7 @@ from typing import BinaryIO
 from ..errors import UnionfuseError
 from ..store import store as storemod
 from ..store.store import Image, NotFound, Store, canonical_json, write_atomic
+from ..store import imageconfig
 from ..store.tarlayer import HashingReader, HashingWriter  # noqa: F401  (archive.py uses local.HashingReader)
 
 CHUNK = 1 << 20
@@ -116,6 +117,10 @@ def put_image_bytes(store: Store, data: bytes) -> Image:
         raise OCIError(f"image config is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise OCIError("image config is not a JSON object")
+    try:
+        imageconfig.check_config(config)
+    except UnionfuseError as e:
+        raise OCIError(str(e)) from None
     image_id = digest_of(data)
     path = os.path.join(store.root, "images", sha256_hex(data) + ".json")
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []

@@ -46,6 +46,7 @@ DOCKER_HUB_API = "registry-1.docker.io"
 ACCEPT = ", ".join([OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST])
 USER_AGENT = "unionfuse/0.1"
 MAX_MANIFEST = 4 << 20
+MAX_REDIRECTS = 10
 
 
 class RegistryError(OCIError):
@@ -339,6 +340,7 @@ class Client:
         idempotent = method in ("GET", "HEAD") if idempotent is None else idempotent
         attempts = self.retries if idempotent else 1
         auth_tries = 0
+        redirects = 0
         attempt = 0
         start = body.tell() if hasattr(body, "tell") else None
         while True:
@@ -367,6 +369,9 @@ class Client:
                 r.read()
                 if not loc:
                     raise RegistryError(f"{what}: redirect without a Location")
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise RegistryError(f"{what or method + ' ' + _short(url)}: too many redirects")
                 url = urllib.parse.urljoin(url, loc)
                 continue
             if r.status >= 500 and attempt + 1 < attempts:

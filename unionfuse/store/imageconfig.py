@@ -132,3 +132,34 @@ def _pairs(arg: str, word: str) -> list[tuple[str, str]]:
         k, v = t.split("=", 1)
         out.append((k, v))
     return out
+
+
+def check_config(cfg: dict) -> None:
+    """Refuse an image config (from an archive or a registry) whose fields have the
+    wrong types: they would otherwise turn into strange commands at run time."""
+    def bad(what: str):
+        raise UsageError(f"image config: {what}")
+
+    if not isinstance(cfg, dict):
+        bad("not a JSON object")
+    rootfs = cfg.get("rootfs", {})
+    if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids", []), list) or \
+            not all(isinstance(d, str) for d in rootfs.get("diff_ids", [])):
+        bad("rootfs.diff_ids must be a list of strings")
+    if not isinstance(cfg.get("history", []), list) or not all(isinstance(h, dict) for h in cfg.get("history", [])):
+        bad("history must be a list of objects")
+    c = cfg.get("config") or {}
+    if not isinstance(c, dict):
+        bad("config must be an object")
+    for key in ("Env", "Cmd", "Entrypoint"):
+        v = c.get(key)
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) for x in v)):
+            bad(f"config.{key} must be a list of strings")
+    for key in ("WorkingDir", "User", "StopSignal"):
+        v = c.get(key)
+        if v is not None and not isinstance(v, str):
+            bad(f"config.{key} must be a string")
+    for key in ("Labels", "ExposedPorts", "Volumes"):
+        v = c.get(key)
+        if v is not None and not isinstance(v, dict):
+            bad(f"config.{key} must be an object")
