@@ -270,7 +270,7 @@ def cmd_rmi(a) -> int:
                 continue  # -f: the name goes; the layers stay while a container uses them
             store.delete_image(image)
             print(f"Deleted: {image.id}")
-            store.gc_layers(_layers_in_use(store, cs))
+            store.gc_layers(cs.layers_in_use)
         except UnionfuseError as e:
             print(f"unionfuse: {e.message}", file=sys.stderr)
             failed = 1
@@ -300,16 +300,6 @@ def _ancestors(store: Store, images: set[str], candidates: set[str]) -> set[str]
         if c and any(t[0][:len(c[0])] == c[0] and t[1][:len(c[1])] == c[1] for t in targets):
             out.add(cand)
     return out
-
-
-def _layers_in_use(store: Store, cs: Containers) -> set[str]:
-    used: set[str] = set()
-    for iid in cs.images_in_use():
-        try:
-            used.update(store.image_by_id(iid).diff_ids)
-        except NotFound:
-            pass
-    return used
 
 
 def _image_json(store: Store, image: Image) -> dict:
@@ -410,7 +400,7 @@ def cmd_prune(a) -> int:
     from .build.cache import BuildCache
 
     BuildCache(store).prune()
-    removed = store.gc_layers(_layers_in_use(store, cs))
+    removed = store.gc_layers(cs.layers_in_use)
     for d in removed:
         print(f"Deleted layer: {d}")
     return 0
@@ -454,13 +444,12 @@ def _run(a) -> int:
     try:
         code = cs.start(c, attach=True, log_debug=a.debug)
     except UnionfuseError as e:
-        if a.rm:
-            cs.remove(c, force=True)
         if e.exit_code in (126, 127):
             raise
         raise RunError(str(e)) from None
-    if a.rm:
-        cs.remove(c, force=True)
+    finally:
+        if a.rm:
+            cs.remove(c, force=True)
     return code
 
 

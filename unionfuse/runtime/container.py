@@ -180,6 +180,18 @@ class Containers:
     def images_in_use(self) -> set[str]:
         return {c.rec["image_id"] for c in self.all()}
 
+    def layers_in_use(self) -> set[str]:
+        used: set[str] = set()
+        for c in self.all():
+            ids = c.rec.get("diff_ids")
+            if ids is None:
+                try:
+                    ids = c.image().diff_ids
+                except NotFound:
+                    ids = []
+            used.update(ids)
+        return used
+
     def create(self, image: Image, ref: str, name: str | None, opts: RunOptions) -> Container:
         if name is not None:
             _check_name(name)
@@ -202,6 +214,7 @@ class Containers:
             "name": name or _random_name(),
             "image_id": image.id,
             "image": ref,
+            "diff_ids": image.diff_ids,  # its layers stay while it exists, even after rmi -f
             "created": now_iso(),
             "argv": argv,
             "options": asdict(opts) | {"runtime": runtime},
@@ -258,11 +271,17 @@ class Containers:
                 raise Conflict(f"you cannot remove a running container {c.short_id}: stop it first or use -f")
             self.kill(c, "KILL")
             self.wait(c, 10)
-        self._cleanup_runtime(c)
-        if mountmod.mount_entry(c.path("rootfs")) is not None:
-            raise UnionfuseError(f"container {c.short_id}: rootfs still mounted")
-        trash = os.path.join(self.store.root, "tmp", f"{os.getpid()}-rm-{c.id[:16]}")
-        os.rename(c.dir, trash)
+        lock = _RunLock(c)
+        if not lock.try_acquire():  # a runner is starting it right now
+            raise Conflict(f"container {c.short_id} is starting: try again, or stop it first")
+        try:
+            self._cleanup_runtime(c)
+            if mountmod.mount_entry(c.path("rootfs")) is not None:
+                raise UnionfuseError(f"container {c.short_id}: rootfs still mounted")
+            trash = os.path.join(self.store.root, "tmp", f"{os.getpid()}-rm-{c.id[:16]}")
+            os.rename(c.dir, trash)
+        finally:
+            lock.release()
         shutil.rmtree(trash, ignore_errors=True)
 
     def kill(self, c: Container, sig: str = "KILL") -> None:

@@ -358,11 +358,13 @@ class Store:
             except FileNotFoundError:
                 pass
 
-    def gc_layers(self, keep: set[str]) -> list[str]:
-        """Remove layers no image (or *keep*) uses.  Returns the removed diff_ids."""
+    def gc_layers(self, keep) -> list[str]:
+        """Remove layers no image uses, nor *keep* (a set, or a function giving one, called
+        under the lock so a concurrent command can't slip a new user in).  Returns the
+        removed diff_ids."""
         removed = []
         with self.lock():
-            used = set(keep) | self._leased_layers()
+            used = set(keep() if callable(keep) else keep) | self._leased_layers()
             for iid in self.image_ids():
                 try:
                     used.update(self.image_by_id(iid).diff_ids)
