@@ -42,6 +42,8 @@ class Node:
         "lock",
         "last_st",
         "orphan",
+        "dcache",
+        "attrs",
         "__weakref__",
     )
 
@@ -62,6 +64,8 @@ class Node:
         self.lock = None
         self.last_st: os.stat_result | None = None
         self.orphan: bytes | None = None  # copy of an unlinked-but-open lower file
+        self.dcache = None  # dirs: the merged listing (operations.DirCache)
+        self.attrs = None  # lower-only nodes: their (immutable) EntryAttributes
 
     def path(self) -> bytes | None:
         """Merged path relative to the mount root, or None if no name leads here."""

@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import stat
+import weakref
 
 import pyfuse3
 import trio
@@ -50,6 +51,19 @@ class Handle:
         self.upper = upper
 
 
+class DirCache:
+    """A merged dir's listing and resolved entries, valid while no change was made
+    through the mount since it was built (``gen``: UnionOperations.gen at the time)."""
+
+    __slots__ = ("gen", "names", "ents")
+
+    def __init__(self, gen: int, names: list[bytes]):
+        self.gen = gen
+        self.names = names
+        # name -> weak ref to the child's node (None: the name resolved to nothing)
+        self.ents: dict[bytes, weakref.ref | None] = {}
+
+
 class DirHandle:
     __slots__ = ("node", "names", "read")
 
@@ -81,6 +95,21 @@ def _fuse_edge(fn):
     return wrapper
 
 
+def _changes_tree(fn):
+    """A handler that may change names, whiteouts or copy-up state in the upper: cached
+    merged listings (DirCache) are stale from its start to its end."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        self.gen += 1
+        try:
+            return await fn(self, *args)
+        finally:
+            self.gen += 1
+
+    return wrapper
+
+
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -101,7 +130,7 @@ class UnionOperations(pyfuse3.Operations):
             raise ValueError("upper and work dirs go together")
         if not lowers and upper is None:
             raise ValueError("need at least one layer")
-        self.layers = Layers(upper, lowers)
+        self.layers = Layers(upper, lowers, cache_lowers=True)
         self.rw = upper is not None
         self.timeout = timeout
         self.work = copyup.WorkDir(work) if work is not None else None
@@ -129,7 +158,15 @@ class UnionOperations(pyfuse3.Operations):
             root.lowers = []
         self.handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
+        # bumped around every change to the upper tree: DirCache validity
+        self.gen = 0
         self._rename_whiteout = self.whiteout == "overlay"
+        # the whiteout every new one is a hard link to (see _new_whiteout)
+        self._wh_shared = os.path.join(self.work.base, b"whiteout") if self.work is not None else None
+        if self._wh_shared is not None:
+            st = lstat_or_none(self._wh_shared)
+            if st is not None and not is_whiteout_stat(st):
+                copyup.remove_tree(self._wh_shared)
 
     # -- set-up helpers ---------------------------------------------------------------
 
@@ -226,9 +263,21 @@ class UnionOperations(pyfuse3.Operations):
                     return max(1, st.st_nlink - 1)
         return st.st_nlink
 
-    def _entry(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+    def _entry(self, node: Node, st: os.stat_result | None = None,
+               fresh: bool = False) -> pyfuse3.EntryAttributes:
+        lower_only = not node.in_upper and not node.deleted and node.orphan is None
+        if lower_only and node.attrs is not None and not fresh:
+            # lower layers never change (but for atime: getattr asks fresh=True)
+            return node.attrs
         if st is None:
             st = self._stat(node)
+        e = self._make_entry(node, st)
+        if lower_only:
+            node.attrs = e
+            node.last_st = None  # memory: e says it all (the lower file never goes away)
+        return e
+
+    def _make_entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
@@ -299,7 +348,10 @@ class UnionOperations(pyfuse3.Operations):
         node = self.table.find(key)
         if node is None or node.is_dir != ent.is_dir:
             node = self.table.new(key, ent.is_dir)
-        node.lowers = ent.lowers if (ent.is_dir or not ent.in_upper or not node.lowers) else node.lowers
+        lowers = ent.lowers if (ent.is_dir or not ent.in_upper or not node.lowers) else node.lowers
+        if lowers != node.lowers:
+            node.attrs = None
+        node.lowers = lowers
         if group is not None:
             node.index = group
             node.in_upper = os.path.lexists(self._index_path(group))
@@ -339,6 +391,7 @@ class UnionOperations(pyfuse3.Operations):
             copyup.remove_tree(tmp)
             raise
         node.in_upper = True
+        self.gen += 1
 
     async def _copy_up(self, node: Node, data: bool = True) -> None:
         if node.in_upper:
@@ -352,48 +405,56 @@ class UnionOperations(pyfuse3.Operations):
         async with node.lock:
             if node.in_upper:
                 return
-            if not node.lowers:
-                raise _err(errno.ENOENT)
-            i, rel = node.lowers[0]
-            src = self.layers.real(i, rel)
-            st = os.lstat(src)
-            xattrs = {self.origin_xattr: b"%d:%d:%s" % (*node.key, node.index or b"")}
-            if node.index is not None:
-                xattrs[self.nlink_xattr] = b"%d" % st.st_nlink
-            tmp = self.work.tmpname()
+            self.gen += 1  # DirCache: stale from here to the end (see _changes_tree)
             try:
-                if data and stat.S_ISREG(st.st_mode) and st.st_size > INLINE_COPY_MAX:
-                    await trio.to_thread.run_sync(copyup.make_copy, src, st, tmp, True, xattrs)
-                else:
-                    copyup.make_copy(src, st, tmp, data, xattrs)
-                # Finalise without awaiting: names may have moved while we copied.
-                if node.index is not None:
-                    os.rename(tmp, self._index_path(node.index))
-                    node.in_upper = True
-                    for parent, name in list(node.aliases):
-                        self._link_alias(node, parent, name)
-                elif not node.aliases:
-                    # unlinked but open: the copy lives in the work dir until closed
-                    if not node.handles:
-                        raise _err(errno.ENOENT)
-                    node.orphan = tmp
-                    node.in_upper = True
-                else:
-                    parent, name = node.aliases[0]
-                    self._copy_up_dir(parent)
-                    pdir = self._up(self._path(parent))
-                    restore = copyup.preserve_dir_times(pdir)
-                    os.rename(tmp, os.path.join(pdir, name))
-                    restore()
-                    node.in_upper = True
-            except BaseException:
-                if node.orphan != tmp:
-                    copyup.remove_tree(tmp)
-                raise
-            self._reopen_handles(node)
+                await self._copy_up_locked(node, data)
+            finally:
+                self.gen += 1
+
+    async def _copy_up_locked(self, node: Node, data: bool) -> None:
+        if not node.lowers:
+            raise _err(errno.ENOENT)
+        i, rel = node.lowers[0]
+        src = self.layers.real(i, rel)
+        st = os.lstat(src)
+        xattrs = {self.origin_xattr: b"%d:%d:%s" % (*node.key, node.index or b"")}
+        if node.index is not None:
+            xattrs[self.nlink_xattr] = b"%d" % st.st_nlink
+        tmp = self.work.tmpname()
+        try:
+            if data and stat.S_ISREG(st.st_mode) and st.st_size > INLINE_COPY_MAX:
+                await trio.to_thread.run_sync(copyup.make_copy, src, st, tmp, True, xattrs)
+            else:
+                copyup.make_copy(src, st, tmp, data, xattrs)
+            # Finalise without awaiting: names may have moved while we copied.
+            if node.index is not None:
+                os.rename(tmp, self._index_path(node.index))
+                node.in_upper = True
+                for parent, name in list(node.aliases):
+                    self._link_alias(node, parent, name)
+            elif not node.aliases:
+                # unlinked but open: the copy lives in the work dir until closed
+                if not node.handles:
+                    raise _err(errno.ENOENT)
+                node.orphan = tmp
+                node.in_upper = True
+            else:
+                parent, name = node.aliases[0]
+                self._copy_up_dir(parent)
+                pdir = self._up(self._path(parent))
+                restore = copyup.preserve_dir_times(pdir)
+                os.rename(tmp, os.path.join(pdir, name))
+                restore()
+                node.in_upper = True
+        except BaseException:
+            if node.orphan != tmp:
+                copyup.remove_tree(tmp)
+            raise
+        self._reopen_handles(node)
 
     def _link_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """Hard-link a copied-up group's index file into the upper at one alias."""
+        self.gen += 1
         self._copy_up_dir(parent)
         pdir = self._up(self._path(parent))
         dst = os.path.join(pdir, name)
@@ -429,10 +490,36 @@ class UnionOperations(pyfuse3.Operations):
         mode too when ".wh." + name would be longer than NAME_MAX.)"""
         return self.whiteout == "overlay" or len(WH_PREFIX + name) > 255
 
+    def _new_whiteout(self, dst: bytes) -> None:
+        """A 0/0 char device at the free path *dst*: a hard link to one shared whiteout
+        in the work dir (as the kernel's overlayfs does), since making an inode costs
+        ten times a link on ext4; a fresh mknod when linking fails."""
+        if self._wh_shared is not None:
+            for _ in range(2):
+                try:
+                    os.link(self._wh_shared, dst)
+                    return
+                except FileNotFoundError:
+                    pass  # not made yet (or removed): make it below
+                except OSError as e:
+                    if e.errno == errno.EEXIST:
+                        raise
+                    if e.errno != errno.EMLINK:
+                        self._wh_shared = None  # e.g. no hard links here: stop trying
+                        break
+                try:
+                    tmp = self.work.tmpname()
+                    os.mknod(tmp, stat.S_IFCHR | 0o000, 0)
+                    os.rename(tmp, self._wh_shared)  # a fresh one when full (EMLINK)
+                except OSError:
+                    self._wh_shared = None
+                    break
+        os.mknod(dst, stat.S_IFCHR | 0o000, 0)
+
     def _make_whiteout(self, ppath: bytes, name: bytes) -> None:
         """A whiteout at a free name in the upper (the parent is there already)."""
         if self._dev_whiteout(name):
-            os.mknod(self._up(join(ppath, name)), stat.S_IFCHR | 0o000, 0)
+            self._new_whiteout(self._up(join(ppath, name)))
         else:
             fd = os.open(self._up(join(ppath, WH_PREFIX + name)), os.O_CREAT | os.O_WRONLY, 0o000)
             os.close(fd)
@@ -442,7 +529,7 @@ class UnionOperations(pyfuse3.Operations):
         dst = self._up(join(ppath, name))
         if self._dev_whiteout(name):
             tmp = self.work.tmpname()
-            os.mknod(tmp, stat.S_IFCHR | 0o000, 0)
+            self._new_whiteout(tmp)
             if is_dir:
                 renameat2(tmp, dst, RENAME_EXCHANGE)
                 copyup.remove_tree(tmp)
@@ -590,7 +677,7 @@ class UnionOperations(pyfuse3.Operations):
                 log.exception("forget(%d)", ino)
 
     async def getattr(self, inode, ctx):
-        return self._entry(self._node(inode))
+        return self._entry(self._node(inode), fresh=True)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
@@ -725,7 +812,14 @@ class UnionOperations(pyfuse3.Operations):
             self.table.maybe_drop(node)
 
     def _listdir(self, node: Node) -> list[bytes]:
-        return self.layers.listdir(self._path(node) if node.in_upper else None, node.lowers)
+        return self._merged(node).names
+
+    def _merged(self, node: Node) -> DirCache:
+        dc = node.dcache
+        if dc is None or dc.gen != self.gen:
+            names = self.layers.listdir(self._path(node) if node.in_upper else None, node.lowers)
+            dc = node.dcache = DirCache(self.gen, names)
+        return dc
 
     def _is_ancestor(self, a: Node, b: Node) -> bool:
         """Is dir *a* the same as or an ancestor of *b*?"""
@@ -966,13 +1060,34 @@ class UnionOperations(pyfuse3.Operations):
         ppath = node.path()
         if ppath is None:
             return
+        dc = self._merged(node)
+        ents = dc.ents
+        by_ino = self.table.by_ino
+        upper_dir = ppath if node.in_upper else None
         for i in range(start_id, len(names)):
             name = names[i]
-            ent = self.layers.resolve(ppath if node.in_upper else None, node.lowers, name)
-            if not ent.found:
-                continue
-            child = self._node_for(node, ppath, name, ent)
-            st = ent.st if not (child.index is not None and child.in_upper) else None
+            # Nothing changed through the mount since dc was built: a child node still
+            # in the table still stands for this name (skip resolving it again).
+            try:
+                ref = ents[name]
+            except KeyError:
+                child = None
+            else:
+                if ref is None:
+                    continue  # resolved to nothing
+                child = ref()
+                if child is not None and (child.deleted or by_ino.get(child.ino) is not child):
+                    child = None
+            if child is not None:
+                st = None  # _entry: the cached attrs of a lower-only node, else a fresh stat
+            else:
+                ent = self.layers.resolve(upper_dir, node.lowers, name)
+                if not ent.found:
+                    ents[name] = None
+                    continue
+                child = self._node_for(node, ppath, name, ent)
+                ents[name] = weakref.ref(child)
+                st = ent.st if not (child.index is not None and child.in_upper) else None
             if not pyfuse3.readdir_reply(token, name, self._entry(child, st), i + 1):
                 self.table.maybe_drop(child)
                 return
@@ -1062,6 +1177,9 @@ class UnionOperations(pyfuse3.Operations):
             bits = perm & 7
         return (mode & bits) == mode
 
+
+for _name in ("create", "mknod", "mkdir", "symlink", "link", "unlink", "rmdir", "rename"):
+    setattr(UnionOperations, _name, _changes_tree(vars(UnionOperations)[_name]))
 
 for _name, _fn in list(vars(UnionOperations).items()):
     if (

@@ -67,8 +67,9 @@ class DirMeta:
     redirect: bytes | None = None
 
 
-def dir_meta(path: bytes) -> DirMeta:
-    """Opaque flag and redirect of one real directory."""
+def dir_meta(path: bytes, wh_opaque: bool | None = None) -> DirMeta:
+    """Opaque flag and redirect of one real directory (*wh_opaque*: whether it holds a
+    ``.wh..wh..opq`` entry, if the caller knows already)."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as e:
@@ -85,8 +86,10 @@ def dir_meta(path: bytes) -> DirMeta:
                 opaque = True
             if redirect is None and nsstr + "redirect" in names:
                 redirect = _getxattr(path, ns + b"redirect") or None
-    if not opaque and lstat_or_none(os.path.join(path, WH_OPAQUE)) is not None:
-        opaque = True
+    if not opaque:
+        if wh_opaque is None:
+            wh_opaque = lstat_or_none(os.path.join(path, WH_OPAQUE)) is not None
+        opaque = wh_opaque
     return DirMeta(opaque, redirect)
 
 
@@ -124,13 +127,114 @@ class Entry:
     opaque: bool = False
 
 
-class Layers:
-    """The real directories of one mount and the rules to combine them."""
+# Kinds of the names in one cached lower dir.
+K_DIR = 1
+K_OTHER = 2  # file, symlink, device, ...
+K_WHITEOUT = 3  # a 0/0 character device
 
-    def __init__(self, upper: bytes | None, lowers: list[bytes]):
+
+class LowerDir:
+    """One real directory of a lower layer, scanned once: its names (in scandir order)
+    with their kinds, the names its ``.wh.`` files hide, and (lazily) its opaque flag and
+    redirect.  Lower layers never change while mounted, so this stays true."""
+
+    __slots__ = ("names", "wh", "_meta", "path")
+
+    def __init__(self, path: bytes, names: dict[bytes, int], wh: set[bytes]):
+        self.path = path
+        self.names = names
+        self.wh = wh
+        self._meta: DirMeta | None = None
+
+    def meta(self) -> DirMeta:
+        m = self._meta
+        if m is None:
+            m = self._meta = dir_meta(self.path, WH_OPAQUE in self.wh)
+        return m
+
+
+def scan_lower(path: bytes) -> LowerDir | None:
+    """Scan one real dir (None if there is no dir at *path*)."""
+    try:
+        it = os.scandir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return None
+        raise
+    names: dict[bytes, int] = {}
+    wh: set[bytes] = set()
+    with it:
+        for e in it:
+            n = e.name
+            if n.startswith(WH_PREFIX):
+                # ".wh..wh..opq" is kept as the name "..wh..opq" would be: never a real
+                # entry name, so it can't clash; LowerDir.meta() looks for it
+                wh.add(WH_OPAQUE if n == WH_OPAQUE else n[len(WH_PREFIX) :])
+                continue
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    names[n] = K_DIR
+                    continue
+                if _maybe_device(e) and is_whiteout_stat(e.stat(follow_symlinks=False)):
+                    names[n] = K_WHITEOUT
+                    continue
+            except FileNotFoundError:
+                continue
+            names[n] = K_OTHER
+    return LowerDir(path, names, wh)
+
+
+class LowerCache:
+    """Scanned lower dirs, bounded by the total number of names held (the oldest scans
+    go first: FIFO, so a hit costs one dict lookup)."""
+
+    def __init__(self, max_names: int = 200_000):
+        self.max_names = max_names
+        self.size = 0
+        self._d: dict[tuple[int, bytes], LowerDir | None] = {}
+
+    def get(self, key: tuple[int, bytes], path: bytes) -> LowerDir | None:
+        d = self._d
+        try:
+            return d[key]
+        except KeyError:
+            pass
+        ld = scan_lower(path)
+        n = 1 + (len(ld.names) + len(ld.wh) if ld is not None else 0)
+        d[key] = ld
+        self.size += n
+        while self.size > self.max_names and len(d) > 1:
+            old = d.pop(next(iter(d)))
+            self.size -= 1 + (len(old.names) + len(old.wh) if old is not None else 0)
+        return ld
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.size = 0
+
+
+class Layers:
+    """The real directories of one mount and the rules to combine them.
+
+    With ``cache_lowers=True`` the lower layers are taken to be immutable (true for a
+    mount: only the daemon writes, and only to the upper) and their directories are
+    scanned once and answered from memory (see LowerCache)."""
+
+    def __init__(self, upper: bytes | None, lowers: list[bytes], cache_lowers: bool = False):
         # roots[0] is the upper (None for a read-only mount)
         self.roots: list[bytes | None] = [upper] + list(lowers)
         self.nlower = len(lowers)
+        self.cache: LowerCache | None = LowerCache() if cache_lowers else None
+
+    def lower_dir(self, idx: int, rel: bytes) -> LowerDir | None:
+        """The cached scan of a lower dir (None: no dir there).  Needs the cache."""
+        key = (idx, rel)
+        try:
+            return self.cache._d[key]
+        except KeyError:
+            return self.cache.get(key, self.real(idx, rel))
 
     def real(self, idx: int, rel: bytes) -> bytes:
         root = self.roots[idx]
@@ -180,6 +284,11 @@ class Layers:
             elif self._wh_file(0, rel):
                 ent.upper_whiteout = True
                 return ent
+        if self.cache is not None:
+            try:
+                return self._resolve_lowers_cached(ent, parent_lowers, relname, override)
+            except OSError:
+                pass  # e.g. an unreadable lower dir: answer the slow way
         pmap = dict(parent_lowers)
         for idx in range(1, self.nlower + 1):
             if override is not None:
@@ -214,6 +323,63 @@ class Layers:
                 break
         return ent
 
+    def _resolve_lowers_cached(self, ent: Entry, parent_lowers, relname: bytes,
+                               override: bytes | None) -> Entry:
+        """The lower half of resolve() from scanned dirs: one lstat for the entry found,
+        none at all for a name no lower layer has."""
+        found, is_dir, st = ent.found, ent.is_dir, ent.st
+        lowers: list[tuple[int, bytes]] = []
+        pmap = dict(parent_lowers)
+        for idx in range(1, self.nlower + 1):
+            if override is not None:
+                rel = override
+                pdir = parent_of(rel)
+                base = rel[len(pdir) + 1 :] if pdir else rel
+            else:
+                pdir = pmap.get(idx)
+                if pdir is None:
+                    continue
+                base = relname
+                rel = join(pdir, base)
+            ld = self.lower_dir(idx, pdir)
+            if ld is None:
+                continue
+            kind = ld.names.get(base)
+            if kind is None:
+                if base in ld.wh:
+                    break
+                continue
+            if kind == K_WHITEOUT:
+                break
+            if kind == K_DIR:
+                if not found:
+                    st = lstat_or_none(self.real(idx, rel))
+                    if st is None or not stat.S_ISDIR(st.st_mode):
+                        raise OSError(errno.ESTALE, "lower layer changed")
+                    found, is_dir = True, True
+                elif not is_dir:
+                    break
+                lowers.append((idx, rel))
+                sub = self.lower_dir(idx, rel)
+                if sub is None:
+                    raise OSError(errno.ESTALE, "lower layer changed")
+                meta = sub.meta()
+                if meta.opaque or base in ld.wh:
+                    break
+                if meta.redirect:
+                    override, relname = self._follow(meta.redirect, override, relname)
+            else:
+                if not found:
+                    st = lstat_or_none(self.real(idx, rel))
+                    if st is None:
+                        raise OSError(errno.ESTALE, "lower layer changed")
+                    found = True
+                    lowers.append((idx, rel))
+                break
+        ent.found, ent.is_dir, ent.st = found, is_dir, st
+        ent.lowers.extend(lowers)
+        return ent
+
     @staticmethod
     def _follow(redirect: bytes, override: bytes | None, relname: bytes):
         if redirect.startswith(b"/"):
@@ -235,10 +401,33 @@ class Layers:
         dirs: list[bytes] = []
         if upper_dir is not None and self.roots[0] is not None:
             dirs.append(self.upper(upper_dir))
-        dirs.extend(self.real(i, r) for i, r in lowers)
         seen: set[bytes] = set()
         hidden: set[bytes] = set()
         out: list[bytes] = []
+        if self.cache is not None:
+            # upper first (scanned: it changes), then the cached lowers
+            if dirs:
+                self._listdir_real(dirs, seen, hidden, out)
+            for i, r in lowers:
+                ld = self.lower_dir(i, r)
+                if ld is None:
+                    continue
+                for n, kind in ld.names.items():
+                    if n in seen or n in hidden:
+                        continue
+                    if kind == K_WHITEOUT:
+                        hidden.add(n)
+                        continue
+                    seen.add(n)
+                    out.append(n)
+                hidden.update(ld.wh)
+            return out
+        dirs.extend(self.real(i, r) for i, r in lowers)
+        self._listdir_real(dirs, seen, hidden, out)
+        return out
+
+    @staticmethod
+    def _listdir_real(dirs: list[bytes], seen: set[bytes], hidden: set[bytes], out: list[bytes]) -> None:
         for d in dirs:
             layer_wh: list[bytes] = []
             try:
@@ -260,7 +449,6 @@ class Layers:
                     seen.add(n)
                     out.append(n)
             hidden.update(layer_wh)
-        return out
 
 
 def _maybe_device(e: os.DirEntry) -> bool:
