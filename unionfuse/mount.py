@@ -231,6 +231,7 @@ def serve(spec: MountSpec) -> int:
         raise MountError(f"mounting {spec.mountpoint} failed: {e}") from None
     try:
         os.makedirs(PID_DIR, mode=0o755, exist_ok=True)
+        _drop_stale_pid_files()
         with open(pidf, "w") as f:
             f.write(f"{os.getpid()}\n")
     except OSError as e:
@@ -258,6 +259,22 @@ def serve(spec: MountSpec) -> int:
                 pass
         log.info("unmounted %s", spec.mountpoint)
     return 0
+
+
+def _drop_stale_pid_files() -> None:
+    """Pid files of daemons that were killed (SIGKILL leaves them behind)."""
+    for name in os.listdir(PID_DIR):
+        path = os.path.join(PID_DIR, name)
+        try:
+            with open(path) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def clear_dead_mount(mountpoint: str) -> None:
