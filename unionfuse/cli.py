@@ -26,7 +26,7 @@ def _setup_logging(debug: bool) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_commands: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unionfuse",
         description="A union filesystem (FUSE) with overlayfs semantics.",
@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
 
-    from . import commands
+    if with_commands:
+        from . import commands
 
-    commands.add_parsers(sub)
+        commands.add_parsers(sub)
     return p
 
 
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         if helper:
             _setup_logging(False)
             return helper_main(argv)
-        parser = build_parser()
+        # mount/umount (every daemon start) skip the image/container commands' imports
+        mount_only = bool(argv) and argv[0] in ("mount", "umount", "unmount")
+        parser = build_parser(with_commands=not mount_only)
         a = parser.parse_args(argv)
         debug = a.debug or getattr(a, "sub_debug", False)
         _setup_logging(debug)

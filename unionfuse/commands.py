@@ -10,8 +10,6 @@ import sys
 
 from . import fmt
 from .errors import UnionfuseError, UsageError
-from .build.cli import cmd_build  # noqa: F401  (dispatch finds cmd_<name>)
-from .oci import local as oci_local
 from .runtime.container import Containers, RunOptions
 from .store import imageconfig
 from .store.changes import changes
@@ -156,6 +154,12 @@ def _default_driver(a, store: Store) -> str:
         return "fuse"
 
 
+def cmd_build(a) -> int:
+    from .build.cli import cmd_build as build
+
+    return build(a)
+
+
 def dispatch(a) -> int:
     from .oci import cli as oci_cli
 
@@ -175,6 +179,8 @@ def cmd_import(a) -> int:
     src = a.source
     if a.ref:
         normalize_ref(a.ref)  # fail before any work
+    from .oci import local as oci_local
+
     # the config changes are checked before a layer is stored
     cfg = imageconfig.new_config([], created_by="", comment=a.message or f"Imported from {src}")
     for ch in a.change:

@@ -8,8 +8,6 @@ import sys
 
 from ..errors import UsageError
 from ..store.store import Store
-from .executor import BuildOptions, Builder
-from .progress import Progress
 
 
 def add_parser(sub) -> None:
@@ -65,6 +63,9 @@ def cmd_build(a) -> int:
         mode = "tty" if sys.stdout.isatty() else "plain"
     else:
         mode = a.progress
+    from .executor import BuildOptions, Builder  # (heavy: only when building)
+    from .progress import Progress
+
     opts = BuildOptions(
         context=a.context, dockerfile=a.file, tags=list(a.tag), build_args=_build_args(a.build_arg),
         no_cache=a.no_cache, target=a.target, network=a.network, driver=_driver(a, store),

@@ -12,7 +12,6 @@ import sys
 
 from ..errors import UsageError
 from ..store.store import Store
-from .local import OCIError
 
 COMMANDS = ("save", "load", "pull", "push")
 
@@ -83,6 +82,8 @@ def dispatch(a) -> int:
     except (AttributeError, KeyError, TypeError, IndexError) as e:
         # JSON of the wrong shape from an archive or a registry (what was half-stored
         # has been discarded on the way out)
+        from .local import OCIError
+
         raise OCIError(f"{a.command}: malformed image metadata ({type(e).__name__}: {e})") from None
 
 
