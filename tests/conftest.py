@@ -8,7 +8,6 @@ import pickle
 import select
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 

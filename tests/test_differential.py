@@ -14,7 +14,6 @@ run shows all of them (later ones may be knock-on effects of earlier ones).
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from pathlib import Path

@@ -10,7 +10,7 @@ import sys
 
 from . import fmt
 from .errors import UnionfuseError, UsageError
-from .runtime.container import Containers, RunOptions
+from .runtime.container import Containers, RunOptions, default_driver
 from .store import imageconfig
 from .store.changes import changes
 from .store.store import Conflict, Image, NotFound, Store, normalize_ref
@@ -137,21 +137,6 @@ def _run_flags(p) -> None:
 
 def _store(a) -> Store:
     return Store(a.root)
-
-
-def _default_driver(a, store: Store) -> str:
-    if getattr(a, "run_driver", None):
-        return a.run_driver
-    if a.storage_driver:
-        return a.storage_driver
-    env = os.environ.get("UNIONFUSE_STORAGE_DRIVER")
-    if env:
-        return env
-    try:
-        with open(os.path.join(store.root, "config.json")) as f:
-            return json.load(f).get("storage-driver", "fuse")
-    except (OSError, ValueError):
-        return "fuse"
 
 
 def cmd_build(a) -> int:
@@ -436,7 +421,7 @@ def _run(a) -> int:
         entrypoint=None if a.entrypoint is None else ([a.entrypoint] if a.entrypoint else []),
         env=a.env, workdir=a.workdir, user=a.user, volumes=a.volume, network=a.network,
         hostname=a.hostname, tty=a.tty, interactive=a.interactive,
-        driver=_default_driver(a, store), runtime=a.run_runtime or a.runtime,
+        driver=default_driver(store, getattr(a, "run_driver", None), a.storage_driver), runtime=a.run_runtime or a.runtime,
         auto_remove=a.rm and a.detach,
     )
     c = cs.create(image, a.image, a.name, opts)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from ..errors import UsageError
+from ..runtime.container import default_driver
 from ..store.store import Store
 
 
@@ -42,19 +42,6 @@ def _build_args(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _driver(a, store: Store) -> str:
-    if getattr(a, "storage_driver", None):
-        return a.storage_driver
-    env = os.environ.get("UNIONFUSE_STORAGE_DRIVER")
-    if env:
-        return env
-    try:
-        with open(os.path.join(store.root, "config.json")) as f:
-            return json.load(f).get("storage-driver", "fuse")
-    except (OSError, ValueError):
-        return "fuse"
-
-
 def cmd_build(a) -> int:
     store = Store(getattr(a, "root", None))
     if a.quiet:
@@ -68,7 +55,7 @@ def cmd_build(a) -> int:
 
     opts = BuildOptions(
         context=a.context, dockerfile=a.file, tags=list(a.tag), build_args=_build_args(a.build_arg),
-        no_cache=a.no_cache, target=a.target, network=a.network, driver=_driver(a, store),
+        no_cache=a.no_cache, target=a.target, network=a.network, driver=default_driver(store, getattr(a, "storage_driver", None)),
         runtime=getattr(a, "runtime", None),
     )
     if not os.path.isdir(a.context):

@@ -21,7 +21,7 @@ import trio
 
 from . import copyup
 from .copyup import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
-from .inodes import ROOT_INODE, InodeTable, Node
+from .inodes import InodeTable, Node
 from .union import (
     WH_OPAQUE,
     WH_PREFIX,

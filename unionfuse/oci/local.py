@@ -42,7 +42,7 @@ from ..errors import UnionfuseError
 from ..store import store as storemod
 from ..store.store import Image, NotFound, Store, canonical_json, write_atomic
 from ..store import imageconfig
-from ..store.tarlayer import HashingReader, HashingWriter  # noqa: F401  (archive.py uses local.HashingReader)
+from ..store.tarlayer import HashingReader, HashingWriter, Prefixed  # noqa: F401  (archive.py uses local.HashingReader)
 
 CHUNK = 1 << 20
 
@@ -197,20 +197,6 @@ def discard_layers(store: Store, diff_ids: list[str]) -> None:
 # -- decompression --------------------------------------------------------------------------
 
 
-class _Prefixed:
-    def __init__(self, head: bytes, f: BinaryIO):
-        self.head, self.f = head, f
-
-    def read(self, n: int = -1) -> bytes:
-        if self.head:
-            if n is None or n < 0:
-                b, self.head = self.head + self.f.read(), b""
-                return b
-            b, self.head = self.head[:n], self.head[n:]
-            return b
-        return self.f.read(n)
-
-
 def compression_of(head: bytes) -> str:
     if head.startswith(b"\x1f\x8b"):
         return "gzip"
@@ -232,7 +218,7 @@ def decompressed(src: BinaryIO, label: str):
         if not b:
             break
         head += b
-    pre = _Prefixed(head, src)
+    pre = Prefixed(head, src)
     kind = compression_of(head)
     if kind == "gzip":
         return gzip.GzipFile(fileobj=pre, mode="rb")

@@ -91,6 +91,22 @@ class RunOptions:
     auto_remove: bool = False  # run -d --rm: the shim removes the container when it exits
 
 
+def default_driver(store: Store, *explicit: str | None) -> str:
+    """The storage driver: the first one given explicitly (flags), else
+    $UNIONFUSE_STORAGE_DRIVER, else the store's config.json "storage-driver", else fuse."""
+    for d in explicit:
+        if d:
+            return d
+    env = os.environ.get("UNIONFUSE_STORAGE_DRIVER")
+    if env:
+        return env
+    try:
+        with open(os.path.join(store.root, "config.json")) as f:
+            return json.load(f).get("storage-driver", "fuse")
+    except (OSError, ValueError, AttributeError):
+        return "fuse"
+
+
 def default_runtime() -> str:
     for r in RUNTIMES:
         if shutil.which(r):

@@ -183,7 +183,9 @@ class _State:
         self.whiteouts: set[tuple[str, ...]] = set()  # 0/0 devices made from .wh. entries
 
 
-class _Prefixed:
+class Prefixed:
+    """A reader that gives back *head* (bytes already read to sniff a format) first."""
+
     def __init__(self, head: bytes, f: BinaryIO):
         self.head, self.f = head, f
 
@@ -205,7 +207,7 @@ def _decompressed(stream: BinaryIO, label: str):
         if not b:
             break
         head += b
-    src = _Prefixed(head, stream)
+    src = Prefixed(head, stream)
     if head.startswith(b"\x1f\x8b"):
         return gzip.GzipFile(fileobj=src, mode="rb")
     if head.startswith(b"BZh"):
