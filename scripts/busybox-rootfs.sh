@@ -6,10 +6,11 @@
 set -euo pipefail
 out=${1:?usage: busybox-rootfs.sh OUT.tar}
 bb=/bin/busybox
-if ! "$bb" --help 2>&1 | head -1 | grep -qi busybox || ! file -L "$bb" 2>/dev/null | grep -q static; then
-  for c in /usr/bin/busybox /bin/busybox; do [ -x "$c" ] && bb=$c; done
+# the rootfs has no libc: the binary must be the static build (Debian's busybox-static)
+if [ ! -x "$bb" ] || ldd "$bb" >/dev/null 2>&1; then
+  echo "busybox-rootfs.sh: no static busybox at $bb (apt-get install busybox-static)" >&2
+  exit 1
 fi
-[ -x "$bb" ] || { echo "busybox-rootfs.sh: busybox-static is not installed (apt-get install busybox-static)" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 r=$tmp/rootfs
