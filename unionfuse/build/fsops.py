@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
+from ..store.tarlayer import write_new_file
+
 MAX_LINKS = 40
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -346,15 +348,7 @@ def write_file(dst: ScopedRoot, dest_parts: list[str], stream: BinaryIO, own: Ow
     try:
         name = dest_parts[-1]
         _replace_slot(pfd, name, False)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
-        try:
-            while True:
-                buf = stream.read(1 << 20)
-                if not buf:
-                    break
-                os.write(fd, buf)
-        finally:
-            os.close(fd)
+        write_new_file(pfd, name, stream)
         os.chown(name, own.uid or 0, own.gid or 0, dir_fd=pfd, follow_symlinks=False)
         os.chmod(name, own.mode if own.mode is not None else mode, dir_fd=pfd)
         if mtime is not None:
@@ -408,17 +402,7 @@ def untar(fileobj: BinaryIO, dst: ScopedRoot, dest_parts: list[str], own: Owner,
                     else:
                         _replace_slot(pfd, name, False)
                         if ti.isreg():
-                            src = tf.extractfile(ti)
-                            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                         0o600, dir_fd=pfd)
-                            try:
-                                while True:
-                                    buf = src.read(1 << 20)
-                                    if not buf:
-                                        break
-                                    os.write(fd, buf)
-                            finally:
-                                os.close(fd)
+                            write_new_file(pfd, name, tf.extractfile(ti))
                         elif ti.issym():
                             os.symlink(ti.linkname, name, dir_fd=pfd)
                         elif ti.islnk():

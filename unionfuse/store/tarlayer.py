@@ -89,6 +89,22 @@ class _Root:
             raise
 
 
+def write_new_file(dir_fd: int, name: str, stream: BinaryIO) -> None:
+    """Create *name* in *dir_fd* (never through a symlink, never over an existing
+    entry) with mode 0600 and fill it from *stream*."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        while True:
+            buf = stream.read(1 << 20)
+            if not buf:
+                break
+            view = memoryview(buf)
+            while view:
+                view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def _remove_at(dfd: int, name: str) -> None:
     try:
         st = os.lstat(name, dir_fd=dfd)
@@ -288,16 +304,7 @@ def _apply_entry(tf: tarfile.TarFile, ti: tarfile.TarInfo, root: _Root, state: _
             if replaces_whiteout:  # .wh.NAME then NAME/ in one layer: a new dir over the old
                 os.setxattr(f"/proc/self/fd/{pfd}/{base}", OPAQUE_XATTR, b"y", follow_symlinks=False)
         elif ti.isreg():
-            src = tf.extractfile(ti)
-            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
-            try:
-                while True:
-                    buf = src.read(1 << 20)
-                    if not buf:
-                        break
-                    os.write(fd, buf)
-            finally:
-                os.close(fd)
+            write_new_file(pfd, base, tf.extractfile(ti))
         elif ti.issym():
             os.symlink(ti.linkname, base, dir_fd=pfd)  # stored as is; never followed here
         elif ti.islnk():
