@@ -223,32 +223,42 @@ def test_copy_up_parents_first(mnt, layers):
     assert sorted(os.listdir(f"{mnt}/d")) == ["sub", "x", "y"]
 
 
-def test_racing_writers_copy_once(mnt, layers):
-    big = layers["l2"] / "big"
-    # created before mounting? no: the mount is live; a new lower file would break the
-    # rule that lowers don't change.  Use an existing file instead.
-    del big
-    errors = []
+def test_racing_writers_copy_once(dirs, mounts):
+    """Two writers open one lower file at the same moment: both opens trigger copy-up
+    (of a file big enough to be copied in a worker thread); it must happen once, or one
+    writer's bytes would land in a discarded copy."""
+    write(dirs["l1"] / "big", b"B" * (64 << 20))
+    daemon = mounts.union([dirs["l1"]], dirs["upper"], dirs["work"], extra=("--debug",))
+    mnt = daemon.mountpoint
+    errors, fds = [], {}
+    barrier = threading.Barrier(2)
 
-    def writer(tag):
+    def opener(tag):
         try:
-            with open(f"{mnt}/a", "r+b") as f:
-                f.seek(0, 2)
-                for _ in range(50):
-                    f.write(tag)
-                    f.flush()
+            barrier.wait()
+            fds[tag] = os.open(f"{mnt}/big", os.O_WRONLY | os.O_APPEND)
         except OSError as e:
             errors.append(e)
 
-    ts = [threading.Thread(target=writer, args=(t,)) for t in (b"1", b"2")]
+    ts = [threading.Thread(target=opener, args=(t,)) for t in (b"1", b"2")]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
     assert not errors
-    data = read(f"{mnt}/a")
-    assert data.startswith(b"lower a\n")
-    assert os.listdir(os.path.join(layers["work"], "unionfuse", "tmp")) == []
+    try:
+        for _ in range(50):
+            for tag, fd in fds.items():
+                os.write(fd, tag)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    data = read(f"{mnt}/big")
+    assert len(data) == (64 << 20) + 100
+    assert data[-100:].count(b"1") == 50 and data[-100:].count(b"2") == 50  # no writes lost
+    assert read(os.path.join(dirs["upper"], "big")) == data
+    assert os.listdir(os.path.join(dirs["work"], "unionfuse", "tmp")) == []
+    assert daemon.log_text().count("copied up") == 1
 
 
 def test_unlinked_open_file(mnt):

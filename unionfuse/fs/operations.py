@@ -270,6 +270,11 @@ class UnionOperations(pyfuse3.Operations):
             # lower layers never change (but for atime: getattr asks fresh=True)
             return node.attrs
         if st is None:
+            if node.deleted and node.attrs is not None and not node.handles:
+                # an unlinked lower file nobody has open (its stat was dropped for
+                # memory): the kernel may still flush times on it
+                node.attrs.st_nlink = 0
+                return node.attrs
             st = self._stat(node)
         e = self._make_entry(node, st)
         if lower_only:
@@ -450,6 +455,7 @@ class UnionOperations(pyfuse3.Operations):
             if node.orphan != tmp:
                 copyup.remove_tree(tmp)
             raise
+        log.debug("copied up %r (%d bytes)", src, st.st_size if data else 0)
         self._reopen_handles(node)
 
     def _link_alias(self, node: Node, parent: Node, name: bytes) -> None:
