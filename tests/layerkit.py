@@ -7,7 +7,6 @@ Layer order everywhere is top-most first: lowers[0] is l1 (top), lowers[2] is l3
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -16,21 +15,13 @@ from pathlib import Path
 
 from conftest import tree
 
-RENAME_NOREPLACE = 1 << 0
-RENAME_EXCHANGE = 1 << 1
-RENAME_WHITEOUT = 1 << 2
-AT_FDCWD = -100
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_renameat2 = _libc.renameat2
-_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-_renameat2.restype = ctypes.c_int
+from unionfuse.fs import copyup
+from unionfuse.fs.copyup import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT  # noqa: F401
 
 
 def renameat2(src, dst, flags: int) -> None:
-    if _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), str(src), None, str(dst))
+    """renameat2(2) on str or bytes paths (the daemon's ctypes wrapper)."""
+    copyup.renameat2(os.fsencode(src), os.fsencode(dst), flags)
 
 
 # -- building layers ------------------------------------------------------------------
