@@ -68,8 +68,9 @@ fi
 
 # --- the Python package (editable, with test extras) ----------------------------------
 # Skipped when the stamp says this interpreter already has this checkout installed with this
-# pyproject.toml and everything still imports (a fresh clone elsewhere re-installs).
-want="$PYEXE $ROOT $(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+# pyproject.toml and C shim source and everything still imports (a fresh clone elsewhere
+# re-installs).
+want="$PYEXE $ROOT $(cat "$ROOT/pyproject.toml" "$ROOT/unionfuse/fs/_fuseshim.c" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] ||
     ! (cd / && "$PYEXE" -c '
 import sys, os, importlib.util as u

@@ -200,8 +200,34 @@ def _user_allow_other() -> bool:
         return False
 
 
+# Set to 1 to run without fs/_fuseshim (kernel-cached dir listings and symlinks).
+NO_SHIM_ENV = "UNIONFUSE_NO_SHIM"
+
+
+def _load_fuse_shim():
+    """Load fs/_fuseshim globally so pyfuse3, imported next, binds to its
+    fuse_session_new (see the C source).  None if unavailable or too late."""
+    if os.environ.get(NO_SHIM_ENV) == "1":
+        return None
+    if "pyfuse3" in sys.modules:
+        log.debug("pyfuse3 already loaded: kernel caching shim not used")
+        return None
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | os.RTLD_GLOBAL)
+    try:
+        from .fs import _fuseshim
+    except ImportError as e:
+        log.debug("kernel caching shim not available: %s", e)
+        return None
+    finally:
+        sys.setdlopenflags(flags)
+    _fuseshim.configure(_fuseshim.NO_OPENDIR | _fuseshim.NO_OPEN | _fuseshim.CACHE_SYMLINKS)
+    return _fuseshim
+
+
 def serve(spec: MountSpec) -> int:
     """Mount and serve in this process until unmounted or signalled.  Returns 0."""
+    shim = _load_fuse_shim()
     import pyfuse3
     import trio
 
@@ -240,11 +266,17 @@ def serve(spec: MountSpec) -> int:
     log.info("mounted %s (lowers=%s upper=%s whiteout=%s)", spec.mountpoint, spec.lowers,
              spec.upper, ops.whiteout)
 
+    if shim is not None and not shim.status()["interposed"]:
+        log.warning("kernel caching shim loaded but not in use (pyfuse3 bound elsewhere)")
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(_watch_signals, pyfuse3, stop_signals)
             _announce_ready()
-            await pyfuse3.main()
+            # One worker: see UnionOperations._in_thread for how blocking requests are
+            # kept from stalling the others.
+            ops.worker_nursery = nursery
+            await pyfuse3.main(min_tasks=1, max_tasks=0)
             nursery.cancel_scope.cancel()
 
     try:

@@ -44,6 +44,7 @@ class Node:
         "orphan",
         "dcache",
         "attrs",
+        "fdh",
         "__weakref__",
     )
 
@@ -66,6 +67,7 @@ class Node:
         self.orphan: bytes | None = None  # copy of an unlinked-but-open lower file
         self.dcache = None  # dirs: the merged listing (operations.DirCache)
         self.attrs = None  # lower-only nodes: their (immutable) EntryAttributes
+        self.fdh = None  # files, no-OPEN mode: the daemon's cached fd (operations.CachedFd)
 
     def path(self) -> bytes | None:
         """Merged path relative to the mount root, or None if no name leads here."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import itertools
 import logging
 import os
 import stat
+import sys
 import weakref
 
 import pyfuse3
@@ -41,6 +43,38 @@ log = logging.getLogger("unionfuse.fs")
 # request: pyfuse3 serves all of them from one thread).
 INLINE_COPY_MAX = 256 * 1024
 
+# readdir/fsyncdir fh of a directory the kernel did not open: its inode | INO_TAG (set by
+# fs/_fuseshim.c when the kernel caches listings and sends no OPENDIR)
+INO_TAG = 1 << 62
+# replaced listings kept for readers part-way through them
+OLD_LISTINGS_MAX = 64
+
+
+FD_CACHE_ENV = "UNIONFUSE_FD_CACHE_MAX"
+
+
+def _fd_budget() -> int:
+    """How many files may keep a cached fd (no-OPEN mode): raise the soft fd limit to
+    the hard one and use about half of it, leaving room for everything else
+    ($UNIONFUSE_FD_CACHE_MAX lowers it)."""
+    import resource
+
+    try:
+        cap = int(os.environ.get(FD_CACHE_ENV, "65536"))
+    except ValueError:
+        cap = 65536
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return max(4, min(soft // 2 - 64, cap))
+
 
 class Handle:
     __slots__ = ("fd", "node", "upper")
@@ -51,15 +85,33 @@ class Handle:
         self.upper = upper
 
 
+class CachedFd(Handle):
+    """The daemon's own fd for a file the kernel opens without telling us (no OPEN:
+    see fs/_fuseshim.c).  One per node, in node.handles like an open handle; kept while
+    the kernel knows the inode, in an LRU unless *pinned* (the file lost its last name
+    while the kernel may still have it open: the fd is then the only way to its data)."""
+
+    __slots__ = ("writable", "pinned")
+
+    def __init__(self, fd: int, node: Node, upper: bool, writable: bool):
+        super().__init__(fd, node, upper)
+        self.writable = writable
+        self.pinned = False
+
+
 class DirCache:
     """A merged dir's listing and resolved entries, valid while no change was made
     through the mount since it was built (``gen``: UnionOperations.gen at the time)."""
 
-    __slots__ = ("gen", "names", "ents")
+    __slots__ = ("gen", "names", "ents", "serial")
+
+    _serials = itertools.count(1)
 
     def __init__(self, gen: int, names: list[bytes]):
         self.gen = gen
         self.names = names
+        # names this listing in readdir offsets when dirs are not opened (see readdir)
+        self.serial = next(self._serials) & 0x3FFFFFFF
         # name -> weak ref to the child's node (None: the name resolved to nothing)
         self.ents: dict[bytes, weakref.ref | None] = {}
 
@@ -116,6 +168,9 @@ def _err(code: int) -> OSError:
 
 class UnionOperations(pyfuse3.Operations):
     enable_writeback_cache = True
+    # Set by the daemon (mount.serve) to the nursery the FUSE session runs in: while a
+    # request waits on a thread, a second worker is started there (see _in_thread).
+    worker_nursery: trio.Nursery | None = None
 
     def __init__(
         self,
@@ -157,6 +212,11 @@ class UnionOperations(pyfuse3.Operations):
         if self.rw and dir_meta(self.layers.upper(b"")).opaque:
             root.lowers = []
         self.handles: dict[int, Handle | DirHandle] = {}
+        # no-OPEN mode (set in init() from the shim): files have a CachedFd, not handles
+        self.no_open = False
+        self._fd_lru: dict[int, Node] = {}  # ino -> node with an unpinned CachedFd
+        self._fd_max = _fd_budget()
+        self._old_listings: dict[int, list[bytes]] = {}  # DirCache serial -> names
         self._next_fh = 1
         # bumped around every change to the upper tree: DirCache validity
         self.gen = 0
@@ -167,6 +227,21 @@ class UnionOperations(pyfuse3.Operations):
             st = lstat_or_none(self._wh_shared)
             if st is not None and not is_whiteout_stat(st):
                 copyup.remove_tree(self._wh_shared)
+
+    async def _in_thread(self, fn, *args):
+        """Run a blocking call in a worker thread while other requests go on being served.
+
+        The daemon runs ONE pyfuse3 worker task (two or more hand the read lock to each
+        other on every request, which doubles the cost of a request).  So a request that
+        blocks on a thread starts one extra worker first; pyfuse3's loop ends that worker
+        (min_tasks=0) as soon as it finds another worker waiting for the fd, so it goes
+        away once this request is answered.  max_tasks=0: it never spawns more itself.
+        """
+        n = self.worker_nursery
+        loop = getattr(pyfuse3, "_session_loop", None)
+        if n is not None and loop is not None:
+            n.start_soon(loop, n, 0, 0, name="pyfuse3-extra")
+        return await trio.to_thread.run_sync(fn, *args)
 
     # -- set-up helpers ---------------------------------------------------------------
 
@@ -428,7 +503,7 @@ class UnionOperations(pyfuse3.Operations):
         tmp = self.work.tmpname()
         try:
             if data and stat.S_ISREG(st.st_mode) and st.st_size > INLINE_COPY_MAX:
-                await trio.to_thread.run_sync(copyup.make_copy, src, st, tmp, True, xattrs)
+                await self._in_thread(copyup.make_copy, src, st, tmp, True, xattrs)
             else:
                 copyup.make_copy(src, st, tmp, data, xattrs)
             # Finalise without awaiting: names may have moved while we copied.
@@ -474,14 +549,109 @@ class UnionOperations(pyfuse3.Operations):
         restore()
 
     def _reopen_handles(self, node: Node) -> None:
-        """Read handles opened on the lower file follow the copy-up."""
+        """Read handles opened on the lower file follow the copy-up (the daemon's
+        cached fd too, made writable)."""
         real = self._real(node)
         for h in list(node.handles):
             if isinstance(h, Handle) and not h.upper:
-                fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                rw = isinstance(h, CachedFd)
+                fd = os.open(real, (os.O_RDWR if rw else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
                 os.dup2(fd, h.fd)
                 os.close(fd)
                 h.upper = True
+                if rw:
+                    h.writable = True
+
+    # -- cached fds (no-OPEN mode) ----------------------------------------------------
+
+    async def _file_fd(self, node: Node, write: bool) -> int:
+        """The daemon's fd for a file (opened on first use; copied up for a write)."""
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        if write and not node.in_upper:
+            self._check_rw()
+            await self._copy_up(node)  # moves an existing CachedFd along (_reopen_handles)
+        h = node.fdh
+        if h is not None and (h.writable or not write):
+            if not h.pinned:
+                lru = self._fd_lru
+                del lru[node.ino]
+                lru[node.ino] = node
+            return h.fd
+        real = self._real(node)
+        if real is None:
+            raise _err(errno.ENOENT)
+        fd = None
+        if node.in_upper:
+            try:
+                fd = os.open(real, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except PermissionError:
+                if write:
+                    raise
+        writable = fd is not None
+        if fd is None:
+            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        if h is not None:  # a read-only fd that now has to write
+            os.dup2(fd, h.fd)
+            os.close(fd)
+            h.writable = writable
+            return h.fd
+        self._cache_fd(node, fd, writable)
+        return fd
+
+    def _cache_fd(self, node: Node, fd: int, writable: bool) -> None:
+        h = node.fdh = CachedFd(fd, node, node.in_upper, writable)
+        node.handles.add(h)
+        lru = self._fd_lru
+        lru[node.ino] = node
+        while len(lru) > self._fd_max:
+            old = lru.pop(next(iter(lru)))
+            self._close_fd(old, from_lru=True)
+
+    def _pin_fd(self, node: Node) -> None:
+        """*node* (a file) is about to lose its last name: keep an fd on its data for as
+        long as the kernel knows the inode (it may be open: we are not told)."""
+        if not self.no_open or node.is_dir or node.lookups <= 0 or len(node.aliases) > 1:
+            return
+        h = node.fdh
+        if h is None:
+            real = self._real(node)
+            if real is None:
+                return
+            st = node.last_st if node.last_st is not None else lstat_or_none(real)
+            if st is None or not stat.S_ISREG(st.st_mode):
+                return  # only regular files are read and written through us
+            try:
+                fd = os.open(real, (os.O_RDWR if node.in_upper else os.O_RDONLY)
+                             | os.O_CLOEXEC | os.O_NOFOLLOW)
+                writable = node.in_upper
+            except PermissionError:
+                fd, writable = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), False
+            self._cache_fd(node, fd, writable)
+            h = node.fdh
+        if not h.pinned:
+            h.pinned = True
+            self._fd_lru.pop(node.ino, None)
+
+    def _close_fd(self, node: Node, from_lru: bool = False) -> None:
+        h = node.fdh
+        if h is None:
+            return
+        if not from_lru:
+            self._fd_lru.pop(node.ino, None)
+        node.fdh = None
+        node.handles.discard(h)
+        os.close(h.fd)
+        self._drop_orphan(node)
+        self.table.maybe_drop(node)
+
+    def _drop_orphan(self, node: Node) -> None:
+        if node.orphan is not None and not any(isinstance(x, Handle) for x in node.handles):
+            try:
+                os.unlink(node.orphan)
+            except OSError:
+                pass
+            node.orphan = None
 
     # -- whiteouts and placing new entries --------------------------------------------
 
@@ -652,6 +822,13 @@ class UnionOperations(pyfuse3.Operations):
     # pyfuse3 handlers
     # ================================================================================
 
+    def init(self):
+        shim = sys.modules.get("unionfuse.fs._fuseshim")
+        st = shim.status() if shim is not None else {}
+        self.no_open = bool(st.get("no_open"))
+        on = [k for k in ("no_opendir", "no_open", "cache_symlinks") if st.get(k)]
+        log.info("kernel caching: attrs, entries, data%s%s", ", " if on else "", ", ".join(on))
+
     async def lookup(self, parent_inode, name, ctx):
         parent = self._node(parent_inode)
         if name == b".":
@@ -676,9 +853,13 @@ class UnionOperations(pyfuse3.Operations):
         return attrs
 
     async def forget(self, inode_list):
+        by_ino = self.table.by_ino
         for ino, n in inode_list:
             try:
+                node = by_ino.get(ino)
                 self.table.forget(ino, n)
+                if node is not None and node.lookups == 0 and node.fdh is not None:
+                    self._close_fd(node)  # the kernel has no file open on it any more
             except Exception:  # pragma: no cover - never let forget fail
                 log.exception("forget(%d)", ino)
 
@@ -762,6 +943,10 @@ class UnionOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         mode = stat.S_IFREG | stat.S_IMODE(mode)
         node, fd = await self._create_entry(self._node(parent_inode), name, ctx, mode)
+        if self.no_open:
+            # no RELEASE will come for this open: the fd becomes the node's cached one
+            self._cache_fd(node, fd, True)
+            return pyfuse3.FileInfo(fh=0, keep_cache=True), self._entry(node)
         fh = self._add_handle(Handle(fd, node, True))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
 
@@ -779,6 +964,7 @@ class UnionOperations(pyfuse3.Operations):
         if node.index is not None:
             await self._group_add(node, -1)
             ppath, ent = self._resolve(parent, name)
+        self._pin_fd(node)
         self._remove_name(parent, ppath, name, ent)
         self.table.remove_alias(node, parent, name)
         if not node.aliases and (node.index is None or self._nlink(node, self._stat(node)) == 0):
@@ -823,9 +1009,19 @@ class UnionOperations(pyfuse3.Operations):
     def _merged(self, node: Node) -> DirCache:
         dc = node.dcache
         if dc is None or dc.gen != self.gen:
+            if dc is not None:
+                self._keep_listing(dc)
             names = self.layers.listdir(self._path(node) if node.in_upper else None, node.lowers)
             dc = node.dcache = DirCache(self.gen, names)
         return dc
+
+    def _keep_listing(self, dc: DirCache) -> None:
+        """A replaced listing stays findable by serial for a while: a reader part-way
+        through it goes on with the same names (see readdir)."""
+        old = self._old_listings
+        old[dc.serial] = dc.names
+        if len(old) > OLD_LISTINGS_MAX:
+            del old[next(iter(old))]
 
     def _is_ancestor(self, a: Node, b: Node) -> bool:
         """Is dir *a* the same as or an ancestor of *b*?"""
@@ -913,6 +1109,8 @@ class UnionOperations(pyfuse3.Operations):
             self.table.add_alias(snode, pnew, name_new)
             self.table.add_alias(dnode, pold, name_old)
             return
+        if dnode is not None:
+            self._pin_fd(dnode)  # replaced: it may still be open
         if src.is_dir:
             self._fix_moved_dir(snode, pnew, name_new)
         if dst.found and dst.in_upper and dst.is_dir:
@@ -1021,9 +1219,19 @@ class UnionOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):
+        if fh & INO_TAG:
+            node = self._node(fh & ~INO_TAG)
+            h = node.fdh
+            return os.pread(h.fd if h is not None else await self._file_fd(node, False), size, off)
         return os.pread(self.handles[fh].fd, size, off)
 
     async def write(self, fh, off, buf):
+        if fh & INO_TAG:
+            node = self._node(fh & ~INO_TAG)
+            h = node.fdh
+            if h is not None and h.writable and node.in_upper:
+                return os.pwrite(h.fd, buf, off)
+            return os.pwrite(await self._file_fd(node, True), buf, off)
         return os.pwrite(self.handles[fh].fd, buf, off)
 
     # No flush handler: pyfuse3 answers ENOSYS once and the kernel stops sending FLUSH on
@@ -1032,21 +1240,22 @@ class UnionOperations(pyfuse3.Operations):
     async def release(self, fh):
         h = self.handles.pop(fh, None)
         if h is None:
-            return
+            return  # fh & INO_TAG: a file created before the kernel stopped opening
         os.close(h.fd)
         node = h.node
         node.handles.discard(h)
-        if node.orphan is not None and not any(isinstance(x, Handle) for x in node.handles):
-            try:
-                os.unlink(node.orphan)
-            except OSError:
-                pass
-            node.orphan = None
+        self._drop_orphan(node)
         self.table.maybe_drop(node)
 
     async def fsync(self, fh, datasync):
-        fd = self.handles[fh].fd
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        if fh & INO_TAG:
+            node = self._node(fh & ~INO_TAG)
+            if not node.in_upper:
+                return  # nothing of it was ever written
+            fd = await self._file_fd(node, False)
+        else:
+            fd = self.handles[fh].fd
+        await self._in_thread(os.fdatasync if datasync else os.fsync, fd)
 
     # -- directories ------------------------------------------------------------------
 
@@ -1057,12 +1266,31 @@ class UnionOperations(pyfuse3.Operations):
         return self._add_handle(DirHandle(node, self._listdir(node)))
 
     async def readdir(self, fh, start_id, token):
+        if fh & INO_TAG:
+            # Directories are not opened (kernel-cached listings, see fs/_fuseshim.c), so
+            # there is no per-open snapshot: the offset names the listing it came from
+            # (serial << 32 | position), and a reader part-way through a listing that
+            # has since been replaced goes on in the old one.  Offset 0 starts afresh.
+            node = self._node(fh & ~INO_TAG)
+            dc = self._merged(node)
+            serial, pos = start_id >> 32, start_id & 0xFFFFFFFF
+            names = dc.names
+            if start_id == 0:
+                serial = dc.serial
+            elif serial != dc.serial:
+                names = self._old_listings.get(serial)
+                if names is None:  # long gone: the current listing is the best guess
+                    names, serial = dc.names, dc.serial
+            await self._readdir(node, names, pos, serial << 32, token)
+            return
         dh = self.handles[fh]
         node = dh.node
         if start_id == 0 and dh.read:
             dh.names = self._listdir(node)  # rewinddir sees changes
         dh.read = True
-        names = dh.names
+        await self._readdir(node, dh.names, start_id, 0, token)
+
+    async def _readdir(self, node: Node, names: list[bytes], start: int, base: int, token) -> None:
         ppath = node.path()
         if ppath is None:
             return
@@ -1070,7 +1298,7 @@ class UnionOperations(pyfuse3.Operations):
         ents = dc.ents
         by_ino = self.table.by_ino
         upper_dir = ppath if node.in_upper else None
-        for i in range(start_id, len(names)):
+        for i in range(start, len(names)):
             name = names[i]
             # Nothing changed through the mount since dc was built: a child node still
             # in the table still stands for this name (skip resolving it again).
@@ -1094,7 +1322,7 @@ class UnionOperations(pyfuse3.Operations):
                 child = self._node_for(node, ppath, name, ent)
                 ents[name] = weakref.ref(child)
                 st = ent.st if not (child.index is not None and child.in_upper) else None
-            if not pyfuse3.readdir_reply(token, name, self._entry(child, st), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._entry(child, st), base | (i + 1)):
                 self.table.maybe_drop(child)
                 return
             child.lookups += 1
@@ -1103,9 +1331,9 @@ class UnionOperations(pyfuse3.Operations):
         self.handles.pop(fh, None)
 
     async def fsyncdir(self, fh, datasync):
-        dh = self.handles[fh]
-        real = self._real(dh.node)
-        if real is None or not dh.node.in_upper:
+        node = self._node(fh & ~INO_TAG) if fh & INO_TAG else self.handles[fh].node
+        real = self._real(node)
+        if real is None or not node.in_upper:
             return
 
         def _sync() -> None:
@@ -1115,7 +1343,7 @@ class UnionOperations(pyfuse3.Operations):
             finally:
                 os.close(fd)
 
-        await trio.to_thread.run_sync(_sync)
+        await self._in_thread(_sync)
 
     async def statfs(self, ctx):
         root = self.layers.roots[0] if self.rw else self.layers.roots[1]

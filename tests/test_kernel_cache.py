@@ -1,0 +1,265 @@
+"""The kernel caches that fs/_fuseshim.c turns on (no OPEN/OPENDIR: cached listings,
+page cache kept across opens, cached symlinks) stay coherent with every change made
+through the mount, and the daemon's per-file fds (no OPEN means it is never told about
+opens and closes) keep unlinked-but-open files readable and stay bounded."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import start_daemon
+
+
+def write(p, data: bytes):
+    with open(p, "wb") as f:
+        f.write(data)
+
+
+def read(p) -> bytes:
+    with open(p, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def lay(dirs):
+    l1, l2 = dirs["l1"], dirs["l2"]
+    write(l2 / "a", b"lower a\n")
+    (l2 / "d").mkdir()
+    for i in range(40):
+        write(l2 / "d" / f"f{i:02d}", b"file %d\n" % i)
+    os.symlink("a", l2 / "link")
+    return dirs
+
+
+@pytest.fixture
+def mnt(lay, mounts):
+    d = mounts.union([lay["l1"], lay["l2"]], lay["upper"], lay["work"], extra=("--debug",))
+    return d
+
+
+def fds_of(pid: int) -> int:
+    """The daemon's fds on files in the layers (its cached per-file fds)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if any(f"/{x}/" in target for x in ("l1", "l2", "upper", "work")):
+            n += 1
+    return n
+
+
+def test_shim_is_in_effect(mnt):
+    """CI builds the shim (libfuse3-dev is installed): the daemon must be using it."""
+    os.listdir(mnt.mountpoint)
+    log = mnt.log_text()
+    line = next((x for x in log.splitlines() if "kernel caching:" in x), "")
+    for feature in ("no_opendir", "no_open", "cache_symlinks"):
+        assert feature in line, log[-2000:]
+
+
+def test_cached_listing_follows_changes(mnt):
+    m = mnt.mountpoint
+    assert sorted(os.listdir(m)) == ["a", "d", "link"]
+    assert sorted(os.listdir(m)) == ["a", "d", "link"]  # second one from the kernel's cache
+    write(f"{m}/new", b"n")
+    assert sorted(os.listdir(m)) == ["a", "d", "link", "new"]
+    os.rename(f"{m}/new", f"{m}/d/moved")
+    assert "new" not in os.listdir(m) and "moved" in os.listdir(f"{m}/d")
+    os.unlink(f"{m}/a")
+    os.mkdir(f"{m}/sub")
+    assert sorted(os.listdir(m)) == ["d", "link", "sub"]
+    os.rmdir(f"{m}/sub")
+    os.symlink("x", f"{m}/s")
+    assert sorted(os.listdir(m)) == ["d", "link", "s"]
+
+
+def test_listing_changed_while_read_neither_skips_nor_repeats(mnt):
+    m = mnt.mountpoint
+    os.mkdir(f"{m}/big")
+    for i in range(3000):
+        open(f"{m}/big/f{i:05d}", "w").close()
+    os.listdir(f"{m}/big")  # cached in the kernel now
+    seen = []
+    with os.scandir(f"{m}/big") as it:
+        for i, e in enumerate(it):
+            seen.append(e.name)
+            if i == 10:
+                for j in range(2900, 3000):
+                    os.unlink(f"{m}/big/f{j:05d}")
+                for j in range(100):
+                    open(f"{m}/big/new{j:03d}", "w").close()
+    assert len(seen) == len(set(seen))
+    assert {f"f{i:05d}" for i in range(2900)} <= set(seen)
+    assert len(os.listdir(f"{m}/big")) == 3000
+
+
+def test_symlink_cache_follows_replacement(mnt):
+    m = mnt.mountpoint
+    assert os.readlink(f"{m}/link") == "a"
+    assert os.readlink(f"{m}/link") == "a"
+    os.symlink("elsewhere", f"{m}/link2")
+    os.rename(f"{m}/link2", f"{m}/link")
+    assert os.readlink(f"{m}/link") == "elsewhere"
+
+
+def test_page_cache_follows_writes_from_other_opens(mnt):
+    m = mnt.mountpoint
+    assert read(f"{m}/a") == b"lower a\n"
+    with open(f"{m}/a", "r+b") as f:
+        f.write(b"LOWER")
+    assert read(f"{m}/a") == b"LOWER a\n"
+    write(f"{m}/a", b"short")  # O_TRUNC: reaches the daemon as a truncate
+    assert read(f"{m}/a") == b"short"
+    fd = os.open(f"{m}/d/f01", os.O_WRONLY | os.O_TRUNC)
+    os.close(fd)
+    assert read(f"{m}/d/f01") == b""
+    assert os.path.getsize(os.path.join(os.path.dirname(m), "upper", "d", "f01")) == 0
+
+
+def test_open_trunc_of_lower_file_copies_no_data(mnt, lay):
+    m = mnt.mountpoint
+    fd = os.open(f"{m}/d/f02", os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, b"new")
+    os.close(fd)
+    assert read(f"{m}/d/f02") == b"new"
+    assert read(lay["upper"] / "d" / "f02") == b"new"
+    assert read(lay["l2"] / "d" / "f02") == b"file 2\n"
+    copied = [x for x in mnt.log_text().splitlines() if "copied up" in x and "f02" in x]
+    assert copied and copied[0].endswith("(0 bytes)"), copied
+
+
+def test_unlinked_open_upper_file_stays_readable_and_writable(mnt, lay):
+    m = mnt.mountpoint
+    write(f"{m}/up", b"upper data")
+    f = open(f"{m}/up", "r+b")  # no request reaches the daemon for this open
+    os.unlink(f"{m}/up")
+    assert not (lay["upper"] / "up").exists()
+    assert f.read() == b"upper data"
+    f.write(b"+more")
+    f.flush()
+    os.fsync(f.fileno())
+    f.seek(0)
+    assert f.read() == b"upper data+more"
+    f.close()
+
+
+def test_file_replaced_by_rename_stays_readable_through_open_fd(mnt, lay):
+    m = mnt.mountpoint
+    write(f"{m}/target", b"old contents")
+    fd = os.open(f"{m}/target", os.O_RDONLY)
+    write(f"{m}/tmp", b"new contents")
+    os.rename(f"{m}/tmp", f"{m}/target")
+    assert os.pread(fd, 100, 0) == b"old contents"
+    os.close(fd)
+    assert read(f"{m}/target") == b"new contents"
+    # a lower file replaced while open, then written through the old fd
+    fd = os.open(f"{m}/d/f03", os.O_RDWR)
+    write(f"{m}/tmp", b"replacement")
+    os.rename(f"{m}/tmp", f"{m}/d/f03")
+    os.pwrite(fd, b"F", 0)
+    os.fsync(fd)
+    assert os.pread(fd, 100, 0) == b"File 3\n"
+    os.close(fd)
+    assert read(f"{m}/d/f03") == b"replacement"
+    assert read(lay["l2"] / "d" / "f03") == b"file 3\n"
+
+
+def test_shared_mmap_write_of_lower_file(mnt, lay):
+    m = mnt.mountpoint
+    with open(f"{m}/d/f04", "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+        mm[0:4] = b"FILE"
+        mm.flush()
+        mm.close()
+    assert read(f"{m}/d/f04") == b"FILE 4\n"
+    assert read(lay["upper"] / "d" / "f04") == b"FILE 4\n"
+    assert read(lay["l2"] / "d" / "f04") == b"file 4\n"
+
+
+def test_fd_cache_is_bounded(lay, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIONFUSE_FD_CACHE_MAX", "8")
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [lay["l1"], lay["l2"]], lay["upper"], lay["work"])
+    try:
+        base = fds_of(d.pid)
+        for i in range(40):
+            assert read(f"{mp}/d/f{i:02d}") == b"file %d\n" % i
+        assert fds_of(d.pid) <= base + 8
+        # written after their fds were dropped: opened again, copied up
+        for i in range(0, 40, 3):
+            with open(f"{mp}/d/f{i:02d}", "ab") as f:
+                f.write(b"+")
+        assert fds_of(d.pid) <= base + 8
+        for i in range(40):
+            assert read(f"{mp}/d/f{i:02d}") == b"file %d\n%s" % (i, b"+" if i % 3 == 0 else b"")
+    finally:
+        d.stop()
+    for i in range(0, 40, 3):
+        assert read(lay["upper"] / "d" / f"f{i:02d}") == b"file %d\n+" % i
+
+
+def test_fds_closed_when_kernel_forgets(lay, tmp_path):
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [lay["l1"], lay["l2"]], lay["upper"], lay["work"])
+    try:
+        base = fds_of(d.pid)
+        for i in range(40):
+            read(f"{mp}/d/f{i:02d}")
+        assert fds_of(d.pid) >= base + 40
+        # drop the kernel's dentries and inodes: it sends FORGET, we close
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")
+        for _ in range(50):
+            if fds_of(d.pid) < base + 40:
+                break
+            threading.Event().wait(0.1)
+        assert fds_of(d.pid) < base + 40
+    finally:
+        d.stop()
+
+
+def test_blocking_request_does_not_stall_others(lay, tmp_path):
+    """The daemon serves from one task; an fsync or a big copy-up runs in a thread
+    while a second worker answers everything else."""
+    mp = tmp_path / "m"
+    mp.mkdir()
+    big = lay["l2"] / "big"
+    with open(big, "wb") as f:
+        f.truncate(0)
+        chunk = os.urandom(1 << 20)
+        for _ in range(256):
+            f.write(chunk)
+    d = start_daemon(mp, [lay["l1"], lay["l2"]], lay["upper"], lay["work"])
+    try:
+        done = threading.Event()
+        served = []
+
+        def other():
+            while not done.is_set():
+                os.stat(f"{mp}/d/f{len(served) % 40:02d}")
+                os.listdir(f"{mp}/d")
+                served.append(1)
+
+        t = threading.Thread(target=other)
+        t.start()
+        try:
+            with open(f"{mp}/big", "ab") as f:  # 256 MiB copy-up, in a thread
+                f.write(b"!")
+                os.fsync(f.fileno())
+        finally:
+            done.set()
+            t.join(30)
+        assert served, "nothing was served while the copy-up ran"
+        assert os.path.getsize(lay["upper"] / "big") == (256 << 20) + 1
+    finally:
+        d.stop()
