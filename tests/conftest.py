@@ -253,3 +253,28 @@ def debian_tar(tmp_path_factory):
                        env=dict(os.environ, TMPDIR=str(d)))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def zygote_dir(tmp_path_factory):
+    """Mount daemons started by CLIs under test are forked by a zygote (see
+    unionfuse/zygote.py): give the run its own socket dir and stop the zygote(s) it
+    started, by pid, at the end."""
+    from unionfuse import zygote
+
+    d = tmp_path_factory.mktemp("zygote")
+    old = os.environ.get(zygote.DIR_ENV)
+    os.environ[zygote.DIR_ENV] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop(zygote.DIR_ENV, None)
+    else:
+        os.environ[zygote.DIR_ENV] = old
+    for pidfile in d.glob("zygote-*.pid"):
+        try:
+            pid = int(pidfile.read_text())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"_zygote" in f.read():
+                    os.kill(pid, 15)
+        except (OSError, ValueError):
+            pass

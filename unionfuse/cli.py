@@ -13,7 +13,7 @@ from .errors import UnionfuseError, UsageError
 SUBCOMMANDS = (
     "mount", "umount", "unmount", "import", "images", "tag", "rmi", "inspect", "history", "prune",
     "run", "ps", "start", "stop", "kill", "rm", "logs", "exec", "diff", "commit", "_shim",
-    "save", "load", "pull", "push", "build",
+    "save", "load", "pull", "push", "build", "_zygote",
 )
 
 log = logging.getLogger("unionfuse")
@@ -23,6 +23,7 @@ def _setup_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
         format="unionfuse[%(process)d] %(levelname)s %(name)s: %(message)s",
+        force=True,  # again in a daemon forked by the zygote
     )
 
 
@@ -168,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         if helper:
             _setup_logging(False)
             return helper_main(argv)
+        if argv[:1] == ["_zygote"] and len(argv) in (2, 3):  # PATH [PADDING]
+            from . import zygote
+
+            _setup_logging(False)
+            return zygote.serve(argv[1])
         # mount/umount (every daemon start) skip the image/container commands' imports
         mount_only = bool(argv) and argv[0] in ("mount", "umount", "unmount")
         parser = build_parser(with_commands=not mount_only)

@@ -202,27 +202,32 @@ def _user_allow_other() -> bool:
 
 # Set to 1 to run without fs/_fuseshim (kernel-cached dir listings and symlinks).
 NO_SHIM_ENV = "UNIONFUSE_NO_SHIM"
+SHIM_MODULE = "unionfuse.fs._fuseshim"
 
 
 def _load_fuse_shim():
     """Load fs/_fuseshim globally so pyfuse3, imported next, binds to its
-    fuse_session_new (see the C source).  None if unavailable or too late."""
+    fuse_session_new (see the C source).  None if unavailable, off or too late."""
+    shim = sys.modules.get(SHIM_MODULE)  # in a daemon forked by the zygote: loaded
     if os.environ.get(NO_SHIM_ENV) == "1":
+        if shim is not None:
+            shim.configure(0)  # bound already: pass pyfuse3's table through unchanged
         return None
-    if "pyfuse3" in sys.modules:
-        log.debug("pyfuse3 already loaded: kernel caching shim not used")
-        return None
-    flags = sys.getdlopenflags()
-    sys.setdlopenflags(flags | os.RTLD_GLOBAL)
-    try:
-        from .fs import _fuseshim
-    except ImportError as e:
-        log.debug("kernel caching shim not available: %s", e)
-        return None
-    finally:
-        sys.setdlopenflags(flags)
-    _fuseshim.configure(_fuseshim.NO_OPENDIR | _fuseshim.NO_OPEN | _fuseshim.CACHE_SYMLINKS)
-    return _fuseshim
+    if shim is None:
+        if "pyfuse3" in sys.modules:
+            log.debug("pyfuse3 already loaded: kernel caching shim not used")
+            return None
+        flags = sys.getdlopenflags()
+        sys.setdlopenflags(flags | os.RTLD_GLOBAL)
+        try:
+            from .fs import _fuseshim as shim
+        except ImportError as e:
+            log.debug("kernel caching shim not available: %s", e)
+            return None
+        finally:
+            sys.setdlopenflags(flags)
+    shim.configure(shim.NO_OPENDIR | shim.NO_OPEN | shim.CACHE_SYMLINKS)
+    return shim
 
 
 def serve(spec: MountSpec) -> int:
@@ -355,18 +360,29 @@ def _announce_ready() -> None:
 
 def spawn_background(argv: list[str], timeout: float = 30.0, log_file: str | None = None) -> int:
     """Run ``unionfuse mount --foreground ARGV`` as a detached daemon and return its pid
-    once the mount is live.  Errors from the daemon come back as one line."""
+    once the mount is live.  Errors from the daemon come back as one line.  The daemon
+    is forked by the zygote when one is up (see zygote.py), else started afresh."""
+    from . import zygote
+
     r, w = os.pipe()
+    er, ew = os.pipe()
     env = dict(os.environ, **{READY_FD_ENV: str(w)})
     env.pop("NOTIFY_SOCKET", None)
     if log_file:
         env[LOG_FILE_ENV] = os.path.abspath(log_file)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "unionfuse", "mount", "--foreground", *argv],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        pass_fds=(w,), env=env, start_new_session=True,
-    )
-    os.close(w)
+    proc = None
+    try:
+        pid = zygote.spawn(argv, env, w, ew)
+        if pid is None:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "unionfuse", "mount", "--foreground", *argv],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=ew,
+                pass_fds=(w,), env=env, start_new_session=True,
+            )
+            pid = proc.pid
+    finally:
+        os.close(w)
+        os.close(ew)
     deadline = time.monotonic() + timeout
     try:
         import select
@@ -374,21 +390,30 @@ def spawn_background(argv: list[str], timeout: float = 30.0, log_file: str | Non
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                proc.kill()
+                os.kill(pid, signal.SIGKILL)
                 raise MountError("the daemon did not come up in time")
             ready, _, _ = select.select([r], [], [], left)
             if ready:
                 data = os.read(r, 64)
                 if data.startswith(b"ready"):
-                    proc.stderr.close()
-                    return proc.pid
+                    return pid
                 # EOF: the daemon exited before it was ready
-                rc = proc.wait()
-                msg = proc.stderr.read().decode(errors="replace").strip()
+                rc = proc.wait() if proc is not None else None
+                msg = _read_all(er).decode(errors="replace").strip()
                 last = msg.splitlines()[-1] if msg else f"daemon exited with status {rc}"
                 raise MountError(last.removeprefix("unionfuse: "))
     finally:
         os.close(r)
+        os.close(er)
+
+
+def _read_all(fd: int) -> bytes:
+    out = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            return b"".join(out)
+        out.append(b)
 
 
 # -- unmounting -------------------------------------------------------------------------
