@@ -86,10 +86,15 @@ sys.exit(s is None or os.path.dirname(s.origin) != os.path.join(sys.argv[1], "un
     if [ -f "$stdlib/EXTERNALLY-MANAGED" ] && [ -z "${VIRTUAL_ENV:-}" ]; then
         pipflags+=(--break-system-packages)
     fi
-    (cd "$ROOT" && "$PYEXE" -m pip install "${pipflags[@]}" -e '.[test]')
+    # compat: a plain path entry in site-packages (a finder hook would cost ~10 ms per start)
+    (cd "$ROOT" && "$PYEXE" -m pip install "${pipflags[@]}" -e '.[test]' --config-settings editable_mode=compat)
     mkdir -p "$STAMP_DIR"
     echo "$want" >"$STAMP"
 fi
+
+# Bytecode for every module now: with PYTHONDONTWRITEBYTECODE set (as on some CI and
+# sandboxes) each start of the CLI or a daemon would otherwise compile ~50 ms of source.
+"$PYEXE" -m compileall -q "$ROOT/unionfuse" >/dev/null || warn "compileall failed (only slower starts)"
 
 # --- /usr/local/bin/unionfuse ---------------------------------------------------------
 # mount.fuse3 runs `unionfuse` with PATH reset to the standard dirs, so the wrapper needs

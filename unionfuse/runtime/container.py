@@ -114,6 +114,17 @@ def default_runtime() -> str:
     raise RuntimeError_("no OCI runtime found (install runc or crun)")
 
 
+def runtime_knows(runtime: str, runtime_id: str) -> bool:
+    """Does the runtime hold state for *runtime_id*?  (Its default state dir as root;
+    saves a `delete -f` round trip, ~10 ms, when there is nothing to delete.)"""
+    return os.path.exists(os.path.join("/run", runtime, runtime_id))
+
+
+def runtime_delete(runtime: str, runtime_id: str) -> None:
+    if runtime_knows(runtime, runtime_id):
+        subprocess.run(runtime_argv(runtime, "delete", "-f", runtime_id), capture_output=True)
+
+
 def runtime_argv(runtime: str, *args: str) -> list[str]:
     """The command line for one runtime call (crun needs the cgroup2 mount hidden on a
     hybrid-cgroup host: a private mount namespace does that without touching the host)."""
@@ -276,8 +287,7 @@ class Containers:
         return c
 
     def _cleanup_runtime(self, c: Container) -> None:
-        runtime = c.rec["options"]["runtime"]
-        subprocess.run(runtime_argv(runtime, "delete", "-f", c.runtime_id), capture_output=True)
+        runtime_delete(c.rec["options"]["runtime"], c.runtime_id)
         mountmod.unmount_layers(c.path("rootfs"), c.rec.get("daemon_pid"), timeout=10)
 
     def remove(self, c: Container, force: bool = False) -> None:
@@ -435,7 +445,7 @@ class Containers:
                 network=opts.network, volumes=vols, home=home,
             )
             write_atomic(c.path("bundle", "config.json"), json.dumps(config, indent=2).encode())
-            subprocess.run(runtime_argv(opts.runtime, "delete", "-f", c.runtime_id), capture_output=True)
+            runtime_delete(opts.runtime, c.runtime_id)
             argv = runtime_argv(opts.runtime, "run", "-b", c.path("bundle"), c.runtime_id)
             stdin = None if (attached and (opts.interactive or opts.tty)) else subprocess.DEVNULL
             proc = subprocess.Popen(argv, stdin=stdin)
