@@ -54,13 +54,13 @@ class Node:
         self.is_dir = is_dir
         self.parent: Node | None = None  # dirs only
         self.name = b""  # dirs only
-        self.aliases: list[tuple[Node, bytes]] = []  # non-dirs only
+        self.aliases: list[tuple[Node, bytes]] = [] if not is_dir else ()  # non-dirs only
         self.in_upper = False
         self.lowers: list[tuple[int, bytes]] = []
         self.index: bytes | None = None  # hard-link group name in the index dir
         self.lookups = 0
         self.refs = 0
-        self.handles: set = set()
+        self.handles: set | tuple = ()  # open handles (a set once there is one)
         self.deleted = False
         self.lock = None
         self.last_st: os.stat_result | None = None
@@ -68,6 +68,16 @@ class Node:
         self.dcache = None  # dirs: the merged listing (operations.DirCache)
         self.attrs = None  # lower-only nodes: their (immutable) EntryAttributes
         self.fdh = None  # files, no-OPEN mode: the daemon's cached fd (operations.CachedFd)
+
+    # (an empty set is 216 bytes: most nodes never get a handle)
+    def add_handle(self, h) -> None:
+        if not self.handles:
+            self.handles = set()
+        self.handles.add(h)
+
+    def drop_handle(self, h) -> None:
+        if self.handles:
+            self.handles.discard(h)
 
     def path(self) -> bytes | None:
         """Merged path relative to the mount root, or None if no name leads here."""

@@ -601,7 +601,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def _cache_fd(self, node: Node, fd: int, writable: bool) -> None:
         h = node.fdh = CachedFd(fd, node, node.in_upper, writable)
-        node.handles.add(h)
+        node.add_handle(h)
         lru = self._fd_lru
         lru[node.ino] = node
         while len(lru) > self._fd_max:
@@ -640,7 +640,7 @@ class UnionOperations(pyfuse3.Operations):
         if not from_lru:
             self._fd_lru.pop(node.ino, None)
         node.fdh = None
-        node.handles.discard(h)
+        node.drop_handle(h)
         os.close(h.fd)
         self._drop_orphan(node)
         self.table.maybe_drop(node)
@@ -1197,7 +1197,7 @@ class UnionOperations(pyfuse3.Operations):
         self._next_fh += 1
         self.handles[fh] = h
         if isinstance(h, Handle):
-            h.node.handles.add(h)
+            h.node.add_handle(h)
         return fh
 
     async def open(self, inode, flags, ctx):
@@ -1243,7 +1243,7 @@ class UnionOperations(pyfuse3.Operations):
             return  # fh & INO_TAG: a file created before the kernel stopped opening
         os.close(h.fd)
         node = h.node
-        node.handles.discard(h)
+        node.drop_handle(h)
         self._drop_orphan(node)
         self.table.maybe_drop(node)
 
