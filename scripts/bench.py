@@ -15,10 +15,12 @@ CPU seconds and peak RSS per scenario.  It is a benchmark, not a test: it assert
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -384,15 +386,48 @@ def memory_probe(data: str, base: str) -> dict:
 # -- container level ---------------------------------------------------------------------
 
 
+BUILD_DOCKERFILE = """FROM busybox
+ENV GREETING=hello
+WORKDIR /app
+COPY hello.sh ./hello
+RUN chmod 0755 /app/hello && echo built > /app/build-info
+CMD ["/app/hello"]
+"""
+
+
 def container_bench(base: str, repeat: int) -> dict:
+    """`run --rm busybox true` and a small build (cold: --no-cache; fully cached) for
+    unionfuse and podman.  Each timed command gets one untimed warm-up run first (for
+    unionfuse that starts the zygote, see unionfuse/zygote.py); the run without a zygote
+    is timed too."""
     out: dict = {}
     root = os.path.join(base, "store")
     tar = os.path.join(base, "busybox.tar")
     if not os.path.exists(tar):
         subprocess.run(["bash", os.path.join(REPO, "scripts", "busybox-rootfs.sh"), tar], check=True)
+    ctx = os.path.join(base, "buildctx")
+    os.makedirs(ctx, exist_ok=True)
+    with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+        f.write(BUILD_DOCKERFILE)
+    with open(os.path.join(ctx, "hello.sh"), "w") as f:
+        f.write("#!/bin/sh\necho \"$GREETING\"\n")
+    zdir = tempfile.mkdtemp(prefix="zygote-", dir=base)
+    env = dict(os.environ, UNIONFUSE_ZYGOTE_DIR=zdir)
     uf = [sys.executable, "-m", "unionfuse", "--root", root]
-    subprocess.run(uf + ["import", tar, "busybox"], check=True, stdout=subprocess.DEVNULL, cwd=REPO)
-    out["unionfuse_run_true"] = _time_cmd(uf + ["run", "--rm", "busybox", "true"], repeat)
+    try:
+        subprocess.run(uf + ["import", tar, "busybox"], check=True, stdout=subprocess.DEVNULL, cwd=REPO)
+        out["unionfuse_run_true"] = _time_cmd(uf + ["run", "--rm", "busybox", "true"], repeat, env=env)
+        out["unionfuse_run_true_no_zygote"] = _time_cmd(
+            uf + ["run", "--rm", "busybox", "true"], repeat, env=dict(env, UNIONFUSE_NO_ZYGOTE="1"))
+        out["unionfuse_build_cold"] = _time_cmd(uf + ["build", "--no-cache", "-q", "-t", "benchimg", ctx],
+                                                repeat, env=env)
+        out["unionfuse_build_cached"] = _time_cmd(uf + ["build", "-q", "-t", "benchimg", ctx], repeat, env=env)
+    finally:
+        for pidfile in glob.glob(os.path.join(zdir, "zygote-*.pid")):
+            try:
+                os.kill(int(open(pidfile).read()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
     if shutil.which("podman"):
         pdir = os.path.join(base, "podman")
         os.makedirs(pdir, exist_ok=True)
@@ -406,10 +441,14 @@ def container_bench(base: str, repeat: int) -> dict:
         subprocess.run(["podman", "import", tar, "busybox"], env=env, check=True, stdout=subprocess.DEVNULL)
         out["podman_run_true"] = _time_cmd(["podman", "run", "--rm", "--network=none", "busybox", "true"],
                                            repeat, env=env)
+        pb = ["podman", "build", "--network=none", "-q", "-t", "benchimg"]
+        out["podman_build_cold"] = _time_cmd(pb[:2] + ["--no-cache"] + pb[2:] + [ctx], repeat, env=env)
+        out["podman_build_cached"] = _time_cmd(pb + [ctx], repeat, env=env)
     return out
 
 
 def _time_cmd(argv, repeat, env=None) -> dict:
+    subprocess.run(argv, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)  # warm-up
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -467,7 +506,8 @@ def main() -> int:
     ap.add_argument("--scenarios", help="comma-separated subset")
     ap.add_argument("--workdir", default="/var/tmp/unionfuse-bench", help="data set and scratch")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    ap.add_argument("--containers", action="store_true", help="also time `run --rm IMAGE true` vs podman")
+    ap.add_argument("--containers", action="store_true",
+                    help="also time `run --rm busybox true` and a small build (cold, cached) vs podman")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench.py: run as root (mounts, drop_caches)", file=sys.stderr)

@@ -27,7 +27,7 @@ def _setup_logging(debug: bool) -> None:
     )
 
 
-def build_parser(with_commands: bool = True) -> argparse.ArgumentParser:
+def build_parser(with_commands: bool = True, only: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unionfuse",
         description="A union filesystem (FUSE) with overlayfs semantics.",
@@ -78,8 +78,45 @@ def build_parser(with_commands: bool = True) -> argparse.ArgumentParser:
     if with_commands:
         from . import commands
 
-        commands.add_parsers(sub)
+        commands.add_parsers(sub if only is None else _OnlySub(sub, only))
     return p
+
+
+class _Absorb:
+    """Stands in for the parsers of commands not being run: takes any call, does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: self
+
+
+class _OnlySub:
+    """Adds only the parser of the command being run (all ~25 cost ~15 ms per start)."""
+
+    def __init__(self, sub, only: str):
+        self.sub, self.only = sub, only
+
+    def add_parser(self, name, **kw):
+        if name == self.only or self.only in kw.get("aliases", ()):
+            return self.sub.add_parser(name, **kw)
+        return _Absorb()
+
+
+GLOBAL_VALUE_OPTS = ("--root", "--storage-driver", "--runtime")
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The subcommand in *argv* (after the global options), if it is one we know."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in GLOBAL_VALUE_OPTS:
+            i += 2
+            continue
+        if a.startswith("-"):
+            i += 1
+            continue
+        return a if a in SUBCOMMANDS else None
+    return None
 
 
 def _spec_from_args(a: argparse.Namespace) -> mountmod.MountSpec:
@@ -176,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             return zygote.serve(argv[1])
         # mount/umount (every daemon start) skip the image/container commands' imports
         mount_only = bool(argv) and argv[0] in ("mount", "umount", "unmount")
-        parser = build_parser(with_commands=not mount_only)
+        parser = build_parser(with_commands=not mount_only, only=_command_word(argv))
         a = parser.parse_args(argv)
         debug = a.debug or getattr(a, "sub_debug", False)
         _setup_logging(debug)
