@@ -54,8 +54,8 @@ class Daemon:
 
 
 def start_daemon(mountpoint, lowers, upper=None, work=None, extra=(), log: Path | None = None,
-                 timeout: float = 20.0) -> Daemon:
-    argv = [sys.executable, "-m", "unionfuse", "mount", "--foreground"]
+                 timeout: float = 20.0, prefix=()) -> Daemon:
+    argv = [*prefix, sys.executable, "-m", "unionfuse", "mount", "--foreground"]
     for low in lowers:
         argv += ["--lower", str(low)]
     if upper is not None:

@@ -226,8 +226,24 @@ def _load_fuse_shim():
             return None
         finally:
             sys.setdlopenflags(flags)
-    shim.configure(shim.NO_OPENDIR | shim.NO_OPEN | shim.CACHE_SYMLINKS)
+    flags = shim.NO_OPENDIR | shim.CACHE_SYMLINKS
+    if _has_dac_override():
+        # Without OPEN the daemon opens files with its own rights, later: only when
+        # those rights are not narrower than what the kernel already checked.
+        flags |= shim.NO_OPEN
+    shim.configure(flags)
     return shim
+
+
+def _has_dac_override() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << 1))  # CAP_DAC_OVERRIDE
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def serve(spec: MountSpec) -> int:
@@ -236,7 +252,7 @@ def serve(spec: MountSpec) -> int:
     import pyfuse3
     import trio
 
-    from .fs.operations import UnionOperations
+    from .fs.operations import NO_SPAWN, UnionOperations
 
     spec.check()
     os.umask(0)
@@ -281,7 +297,7 @@ def serve(spec: MountSpec) -> int:
             # One worker: see UnionOperations._in_thread for how blocking requests are
             # kept from stalling the others.
             ops.worker_nursery = nursery
-            await pyfuse3.main(min_tasks=1, max_tasks=0)
+            await pyfuse3.main(min_tasks=1, max_tasks=NO_SPAWN)
             nursery.cancel_scope.cancel()
 
     try:

@@ -42,7 +42,7 @@
 #define SHIM_CACHE_SYMLINKS 2u
 #define SHIM_NO_OPEN 4u
 
-#define INO_TAG (1ULL << 62)
+#define INO_TAG (1ULL << 63) /* above every inode number (private ones start at 1<<62) */
 
 static unsigned int want_flags;      /* what configure() asked for */
 static int interposed;               /* our fuse_session_new ran */
@@ -50,6 +50,7 @@ static int kernel_no_opendir;        /* kernel supports NO_OPENDIR (set in INIT)
 static int opendir_enosys_sent;      /* we answered ENOSYS to an OPENDIR */
 static int cache_symlinks_on;        /* FUSE_CAP_CACHE_SYMLINKS wanted and granted */
 static int kernel_no_open;           /* kernel supports NO_OPEN (set in INIT) */
+static int opendir_wrapped, open_wrapped; /* our wrappers are in the table */
 static int open_enosys_sent;         /* we answered ENOSYS to an OPEN */
 
 static struct fuse_lowlevel_ops real_ops; /* pyfuse3's table */
@@ -60,8 +61,10 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct 
 
 static void shim_init(void *userdata, struct fuse_conn_info *conn)
 {
-    kernel_no_opendir = (want_flags & SHIM_NO_OPENDIR) && (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT);
-    kernel_no_open = (want_flags & SHIM_NO_OPEN) && (conn->capable & FUSE_CAP_NO_OPEN_SUPPORT);
+    kernel_no_opendir = opendir_wrapped && (want_flags & SHIM_NO_OPENDIR) &&
+                        (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT);
+    kernel_no_open = open_wrapped && (want_flags & SHIM_NO_OPEN) &&
+                     (conn->capable & FUSE_CAP_NO_OPEN_SUPPORT);
     /* Without OPEN nobody would truncate for open(O_TRUNC) under atomic_o_trunc: let the
      * kernel send it as SETATTR(size=0) instead. */
     if (kernel_no_open)
@@ -191,6 +194,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         if (!real_new)
             return NULL;
     }
+    opendir_wrapped = open_wrapped = 0;
     memset(&real_ops, 0, sizeof(real_ops));
     memcpy(&real_ops, op, op_size < sizeof(real_ops) ? op_size : sizeof(real_ops));
     our_ops = real_ops;
@@ -199,6 +203,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         if ((want_flags & SHIM_NO_OPENDIR) && real_ops.opendir && real_ops.releasedir &&
             (real_ops.readdir || real_ops.readdirplus)) {
             our_ops.opendir = shim_opendir;
+            opendir_wrapped = 1;
             if (real_ops.readdir)
                 our_ops.readdir = shim_readdir;
             if (real_ops.readdirplus)
@@ -210,6 +215,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         if ((want_flags & SHIM_NO_OPEN) && real_ops.open && real_ops.read && real_ops.release &&
             real_ops.setattr && (real_ops.write || real_ops.write_buf)) {
             our_ops.open = shim_open;
+            open_wrapped = 1;
             our_ops.read = shim_read;
             our_ops.release = shim_release;
             our_ops.setattr = shim_setattr;

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import bisect
 import inspect
-import itertools
 import logging
 import os
 import stat
@@ -45,9 +45,10 @@ INLINE_COPY_MAX = 256 * 1024
 
 # readdir/fsyncdir fh of a directory the kernel did not open: its inode | INO_TAG (set by
 # fs/_fuseshim.c when the kernel caches listings and sends no OPENDIR)
-INO_TAG = 1 << 62
-# replaced listings kept for readers part-way through them
-OLD_LISTINGS_MAX = 64
+# pyfuse3 max_tasks that keeps it from ever starting a worker (see _in_thread)
+NO_SPAWN = -(1 << 30)
+INO_TAG = 1 << 63  # above every inode number (inodes.py: private ones start at 1 << 62)
+INO_MASK = INO_TAG - 1
 
 
 FD_CACHE_ENV = "UNIONFUSE_FD_CACHE_MAX"
@@ -103,26 +104,28 @@ class DirCache:
     """A merged dir's listing and resolved entries, valid while no change was made
     through the mount since it was built (``gen``: UnionOperations.gen at the time)."""
 
-    __slots__ = ("gen", "names", "ents", "serial")
-
-    _serials = itertools.count(1)
+    __slots__ = ("gen", "names", "ents", "keys")
 
     def __init__(self, gen: int, names: list[bytes]):
         self.gen = gen
+        # in the order of their readdir offsets, keys: hash(name) (stable while the
+        # daemon runs, bytes cache their hash), in 1..2**62
+        names.sort(key=_dir_key)
         self.names = names
-        # names this listing in readdir offsets when dirs are not opened (see readdir)
-        self.serial = next(self._serials) & 0x3FFFFFFF
+        self.keys = [_dir_key(n) for n in names]
         # name -> weak ref to the child's node (None: the name resolved to nothing)
         self.ents: dict[bytes, weakref.ref | None] = {}
 
 
-class DirHandle:
-    __slots__ = ("node", "names", "read")
+def _dir_key(name: bytes) -> int:
+    return (hash(name) & 0x3FFFFFFFFFFFFFFF) + 1
 
-    def __init__(self, node: Node, names: list[bytes]):
+
+class DirHandle:
+    __slots__ = ("node",)
+
+    def __init__(self, node: Node):
         self.node = node
-        self.names = names
-        self.read = False
 
 
 def _fuse_edge(fn):
@@ -216,7 +219,6 @@ class UnionOperations(pyfuse3.Operations):
         self.no_open = False
         self._fd_lru: dict[int, Node] = {}  # ino -> node with an unpinned CachedFd
         self._fd_max = _fd_budget()
-        self._old_listings: dict[int, list[bytes]] = {}  # DirCache serial -> names
         self._next_fh = 1
         # bumped around every change to the upper tree: DirCache validity
         self.gen = 0
@@ -235,12 +237,14 @@ class UnionOperations(pyfuse3.Operations):
         other on every request, which doubles the cost of a request).  So a request that
         blocks on a thread starts one extra worker first; pyfuse3's loop ends that worker
         (min_tasks=0) as soon as it finds another worker waiting for the fd, so it goes
-        away once this request is answered.  max_tasks=0: it never spawns more itself.
+        away once this request is answered.  max_tasks=NO_SPAWN: pyfuse3 never spawns
+        workers itself (its count of them goes wrong once ours have exited, so 0 would
+        not be enough).
         """
         n = self.worker_nursery
         loop = getattr(pyfuse3, "_session_loop", None)
         if n is not None and loop is not None:
-            n.start_soon(loop, n, 0, 0, name="pyfuse3-extra")
+            n.start_soon(loop, n, 0, NO_SPAWN, name="pyfuse3-extra")
         return await trio.to_thread.run_sync(fn, *args)
 
     # -- set-up helpers ---------------------------------------------------------------
@@ -610,9 +614,16 @@ class UnionOperations(pyfuse3.Operations):
 
     def _pin_fd(self, node: Node) -> None:
         """*node* (a file) is about to lose its last name: keep an fd on its data for as
-        long as the kernel knows the inode (it may be open: we are not told)."""
+        long as the kernel knows the inode (it may be open: we are not told).  Never
+        fails the operation (an fd we can't get is logged)."""
         if not self.no_open or node.is_dir or node.lookups <= 0 or len(node.aliases) > 1:
             return
+        try:
+            self._pin_fd_now(node)
+        except OSError as e:
+            log.warning("can't keep %r readable after its last name goes: %s", node.path(), e)
+
+    def _pin_fd_now(self, node: Node) -> None:
         h = node.fdh
         if h is None:
             real = self._real(node)
@@ -1009,19 +1020,9 @@ class UnionOperations(pyfuse3.Operations):
     def _merged(self, node: Node) -> DirCache:
         dc = node.dcache
         if dc is None or dc.gen != self.gen:
-            if dc is not None:
-                self._keep_listing(dc)
             names = self.layers.listdir(self._path(node) if node.in_upper else None, node.lowers)
             dc = node.dcache = DirCache(self.gen, names)
         return dc
-
-    def _keep_listing(self, dc: DirCache) -> None:
-        """A replaced listing stays findable by serial for a while: a reader part-way
-        through it goes on with the same names (see readdir)."""
-        old = self._old_listings
-        old[dc.serial] = dc.names
-        if len(old) > OLD_LISTINGS_MAX:
-            del old[next(iter(old))]
 
     def _is_ancestor(self, a: Node, b: Node) -> bool:
         """Is dir *a* the same as or an ancestor of *b*?"""
@@ -1220,14 +1221,14 @@ class UnionOperations(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         if fh & INO_TAG:
-            node = self._node(fh & ~INO_TAG)
+            node = self._node(fh & INO_MASK)
             h = node.fdh
             return os.pread(h.fd if h is not None else await self._file_fd(node, False), size, off)
         return os.pread(self.handles[fh].fd, size, off)
 
     async def write(self, fh, off, buf):
         if fh & INO_TAG:
-            node = self._node(fh & ~INO_TAG)
+            node = self._node(fh & INO_MASK)
             h = node.fdh
             if h is not None and h.writable and node.in_upper:
                 return os.pwrite(h.fd, buf, off)
@@ -1249,13 +1250,17 @@ class UnionOperations(pyfuse3.Operations):
 
     async def fsync(self, fh, datasync):
         if fh & INO_TAG:
-            node = self._node(fh & ~INO_TAG)
+            node = self._node(fh & INO_MASK)
             if not node.in_upper:
                 return  # nothing of it was ever written
             fd = await self._file_fd(node, False)
         else:
             fd = self.handles[fh].fd
-        await self._in_thread(os.fdatasync if datasync else os.fsync, fd)
+        fd = os.dup(fd)  # the cached one may be closed (LRU) while the thread syncs
+        try:
+            await self._in_thread(os.fdatasync if datasync else os.fsync, fd)
+        finally:
+            os.close(fd)
 
     # -- directories ------------------------------------------------------------------
 
@@ -1263,38 +1268,21 @@ class UnionOperations(pyfuse3.Operations):
         node = self._node(inode)
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
-        return self._add_handle(DirHandle(node, self._listdir(node)))
+        return self._add_handle(DirHandle(node))
 
     async def readdir(self, fh, start_id, token):
-        if fh & INO_TAG:
-            # Directories are not opened (kernel-cached listings, see fs/_fuseshim.c), so
-            # there is no per-open snapshot: the offset names the listing it came from
-            # (serial << 32 | position), and a reader part-way through a listing that
-            # has since been replaced goes on in the old one.  Offset 0 starts afresh.
-            node = self._node(fh & ~INO_TAG)
-            dc = self._merged(node)
-            serial, pos = start_id >> 32, start_id & 0xFFFFFFFF
-            names = dc.names
-            if start_id == 0:
-                serial = dc.serial
-            elif serial != dc.serial:
-                names = self._old_listings.get(serial)
-                if names is None:  # long gone: the current listing is the best guess
-                    names, serial = dc.names, dc.serial
-            await self._readdir(node, names, pos, serial << 32, token)
-            return
-        dh = self.handles[fh]
-        node = dh.node
-        if start_id == 0 and dh.read:
-            dh.names = self._listdir(node)  # rewinddir sees changes
-        dh.read = True
-        await self._readdir(node, dh.names, start_id, 0, token)
-
-    async def _readdir(self, node: Node, names: list[bytes], start: int, base: int, token) -> None:
+        # fh & INO_TAG: the kernel does not open dirs (cached listings, fs/_fuseshim.c)
+        node = self._node(fh & INO_MASK) if fh & INO_TAG else self.handles[fh].node
         ppath = node.path()
         if ppath is None:
             return
         dc = self._merged(node)
+        # Offsets are positions in hash order (see DirCache), not in one listing: a
+        # reader resumes after the last name it got even if the dir changed meanwhile,
+        # so names present throughout come exactly once.
+        keys = dc.keys
+        start = bisect.bisect_right(keys, start_id) if start_id else 0
+        names = dc.names
         ents = dc.ents
         by_ino = self.table.by_ino
         upper_dir = ppath if node.in_upper else None
@@ -1322,7 +1310,7 @@ class UnionOperations(pyfuse3.Operations):
                 child = self._node_for(node, ppath, name, ent)
                 ents[name] = weakref.ref(child)
                 st = ent.st if not (child.index is not None and child.in_upper) else None
-            if not pyfuse3.readdir_reply(token, name, self._entry(child, st), base | (i + 1)):
+            if not pyfuse3.readdir_reply(token, name, self._entry(child, st), keys[i]):
                 self.table.maybe_drop(child)
                 return
             child.lookups += 1
@@ -1331,7 +1319,7 @@ class UnionOperations(pyfuse3.Operations):
         self.handles.pop(fh, None)
 
     async def fsyncdir(self, fh, datasync):
-        node = self._node(fh & ~INO_TAG) if fh & INO_TAG else self.handles[fh].node
+        node = self._node(fh & INO_MASK) if fh & INO_TAG else self.handles[fh].node
         real = self._real(node)
         if real is None or not node.in_upper:
             return
