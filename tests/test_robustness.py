@@ -21,8 +21,8 @@ def _broken(self, node):
     if node.path() == b"boom":
         1 / 0
     return _orig(self, node)
-_orig = operations.UnionOperations._listdir
-operations.UnionOperations._listdir = _broken
+_orig = operations.UnionOperations._merged
+operations.UnionOperations._merged = _broken
 from unionfuse.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -54,7 +54,7 @@ def test_handler_bug_answers_eio_and_daemon_lives(dirs, tmp_path):
         assert (mnt / "fine").read_text() == "ok"
         assert proc.poll() is None
         assert "ZeroDivisionError" in d.log_text()
-        assert "bug in opendir handler" in d.log_text()
+        assert "bug in readdir handler" in d.log_text()
     finally:
         d.stop()
     assert proc.returncode == 0
