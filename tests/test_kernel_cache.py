@@ -234,6 +234,19 @@ def test_unlinked_open_upper_file_stays_readable_and_writable(mnt, lay):
     f.close()
 
 
+def test_unlinking_a_read_lower_file_copies_nothing(mnt):
+    """After an unlink the kernel flushes the file's cached (unchanged) times: that must
+    not copy the lower file up (into an orphan nobody will read)."""
+    m = mnt.mountpoint
+    for i in range(8, 12):
+        assert read(f"{m}/d/f{i:02d}") == b"file %d\n" % i
+        os.unlink(f"{m}/d/f{i:02d}")
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")  # evict the inodes: their times get written back now
+    os.listdir(m)
+    assert not [x for x in mnt.log_text().splitlines() if "copied up" in x and "/d/f" in x]
+
+
 def test_file_replaced_by_rename_stays_readable_through_open_fd(mnt, lay):
     m = mnt.mountpoint
     write(f"{m}/target", b"old contents")

@@ -891,6 +891,14 @@ class UnionOperations(pyfuse3.Operations):
                 # unlinked and closed (e.g. the file a rename replaced): nothing can see
                 # it any more; the kernel is only flushing its cached times
                 return self._entry(node)
+            if not (fields.update_size or fields.update_uid or fields.update_gid
+                    or fields.update_mode):
+                st = self._stat(node)
+                if ((not fields.update_mtime or attr.st_mtime_ns == st.st_mtime_ns)
+                        and (not fields.update_atime or attr.st_atime_ns == st.st_atime_ns)):
+                    # the kernel flushing times it has cached (writeback cache), unchanged:
+                    # e.g. after an unlink; nothing to copy up for that
+                    return self._entry(node)
             trunc = fields.update_size and attr.st_size == 0 and not node.is_dir
             await self._copy_up(node, data=not trunc)
         real = self._real(node)
