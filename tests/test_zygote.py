@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import allow_traverse
+from conftest import REPO, allow_traverse
 from test_mount_modes import UF, check_merged_rw, guard, layers, run, wait_gone  # noqa: F401
 from unionfuse import zygote
 
@@ -85,6 +85,22 @@ def test_no_zygote(guard, layers, tmp_path):  # noqa: F811
     check_merged_rw(mnt, layers)
 
 
+def test_caller_in_another_context_is_refused(guard, layers, tmp_path):  # noqa: F811
+    """A daemon forked by the zygote would run with the zygote's privileges, namespaces,
+    cgroup and limits: a caller that differs (here: no_new_privs) gets its own daemon."""
+    mount_bg(guard, layers, guard.mountpoint(tmp_path / "m1"))
+    zpid = zygote_pid()
+    mnt = guard.mountpoint(tmp_path / "m2")
+    r = run(["setpriv", "--no-new-privs", UF, "mount", "--lower", layers["l1"], "--lower",
+             layers["l2"], "--upper", layers["u"], "--work", layers["w"], mnt])
+    pid = guard.track_pid_file(mnt)
+    assert r.returncode == 0, r.stderr
+    assert ppid(pid) != zpid
+    with open(f"/proc/{pid}/status") as f:
+        assert "NoNewPrivs:\t1" in f.read()
+    check_merged_rw(mnt, layers)
+
+
 def test_changed_code_gets_its_own_zygote(tmp_path, monkeypatch):
     a = zygote.fingerprint()
     assert zygote.fingerprint() == a
@@ -100,9 +116,9 @@ def test_zygote_refuses_other_users(tmp_path):
 
     d = tmp_path / "z"
     d.mkdir()
-    path = str(d / "zygote-test.sock")
+    path = str(d / f"zygote-{zygote.fingerprint()}.sock")
     p = subprocess.Popen([sys.executable, "-m", "unionfuse", "_zygote", path],
-                         env=dict(os.environ, **{zygote.IDLE_ENV: "30"}))
+                         env=dict(os.environ, **{zygote.IDLE_ENV: "30"}), cwd=str(REPO))
     try:
         deadline = time.monotonic() + 20
         while not os.path.exists(path) and time.monotonic() < deadline:

@@ -30,6 +30,7 @@ def _setup_logging(debug: bool) -> None:
 def build_parser(with_commands: bool = True, only: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unionfuse",
+        allow_abbrev=False,  # `--ro` is not `--root` (and _command_word must see options whole)
         description="A union filesystem (FUSE) with overlayfs semantics.",
         epilog="mount(8) helper form: unionfuse SOURCE MOUNTPOINT -o OPTIONS "
         "(what `mount -t fuse.unionfuse` runs).",
@@ -112,6 +113,8 @@ def _command_word(argv: list[str]) -> str | None:
         if a in GLOBAL_VALUE_OPTS:
             i += 2
             continue
+        if a in ("-h", "--help"):
+            return None  # the general help lists every command
         if a.startswith("-"):
             i += 1
             continue

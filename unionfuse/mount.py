@@ -205,11 +205,13 @@ NO_SHIM_ENV = "UNIONFUSE_NO_SHIM"
 SHIM_MODULE = "unionfuse.fs._fuseshim"
 
 
-def _load_fuse_shim():
+def _load_fuse_shim(force: bool = False):
     """Load fs/_fuseshim globally so pyfuse3, imported next, binds to its
-    fuse_session_new (see the C source).  None if unavailable, off or too late."""
+    fuse_session_new (see the C source).  None if unavailable, off or too late.
+    *force*: load it even if this process is told not to use it (the zygote: each
+    daemon it forks decides for itself)."""
     shim = sys.modules.get(SHIM_MODULE)  # in a daemon forked by the zygote: loaded
-    if os.environ.get(NO_SHIM_ENV) == "1":
+    if os.environ.get(NO_SHIM_ENV) == "1" and not force:
         if shim is not None:
             shim.configure(0)  # bound already: pass pyfuse3's table through unchanged
         return None

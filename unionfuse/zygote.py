@@ -11,7 +11,11 @@ pipe and stderr.  The child calls setsid() and is from then on an ordinary daemo
   after $UNIONFUSE_ZYGOTE_IDLE seconds (default 600) without a request.
 - The socket is named after a fingerprint of the interpreter and the installed code, so
   a changed installation gets a fresh zygote and the old one idles out.
-- Only its own uid may use it (socket mode 0600 in a root-owned dir, SO_PEERCRED check).
+- Only a caller in the same context may use it: same uid (socket mode 0600, SO_PEERCRED),
+  capabilities, no_new_privs, namespaces, root, cgroup and rlimits as the zygote; anyone
+  else is refused and starts its daemon the plain way.  The client checks the server's
+  uid and the socket dir's owner and mode too.
+- Once a request is sent the client never falls back (that could start two daemons).
 - $UNIONFUSE_NO_ZYGOTE=1 turns it off; $UNIONFUSE_ZYGOTE_DIR moves the socket and pid
   files (the test suite uses its own dir and stops its zygote by pid).
 """
@@ -28,6 +32,8 @@ import struct
 import subprocess
 import sys
 
+from .errors import MountError
+
 log = logging.getLogger("unionfuse.zygote")
 
 NO_ZYGOTE_ENV = "UNIONFUSE_NO_ZYGOTE"
@@ -35,6 +41,7 @@ DIR_ENV = "UNIONFUSE_ZYGOTE_DIR"
 IDLE_ENV = "UNIONFUSE_ZYGOTE_IDLE"
 DEFAULT_DIR = "/run/unionfuse"
 MAX_MSG = 1 << 20
+IMPORT_TIME_ENV = ("UNIONFUSE_RUN_DIR",)
 
 
 def _dir() -> str:
@@ -44,7 +51,9 @@ def _dir() -> str:
 def fingerprint() -> str:
     """Interpreter + where the code is + when any of it last changed."""
     pkg = os.path.dirname(os.path.abspath(__file__))
-    h = hashlib.sha256(f"{sys.executable}\0{pkg}\0{os.geteuid()}".encode())
+    # + settings modules read at import time (the zygote imports them once)
+    env = "\0".join(os.environ.get(k, "") for k in IMPORT_TIME_ENV)
+    h = hashlib.sha256(f"{sys.executable}\0{pkg}\0{os.geteuid()}\0{env}".encode())
     for dirpath, dirnames, filenames in os.walk(pkg):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
         for name in sorted(filenames):
@@ -62,7 +71,14 @@ def enabled() -> bool:
     if os.environ.get(NO_ZYGOTE_ENV) == "1":
         return False
     d = _dir()
-    return os.access(d, os.W_OK) if os.path.isdir(d) else os.geteuid() == 0
+    try:
+        st = os.stat(d)
+    except FileNotFoundError:
+        return os.geteuid() == 0
+    except OSError:
+        return False
+    # a dir others can write to would let them pose as the zygote
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022 and os.access(d, os.W_OK)
 
 
 # -- client side -------------------------------------------------------------------------
@@ -83,27 +99,47 @@ def spawn(argv: list[str], env: dict[str, str], ready_fd: int, stderr_fd: int) -
         except (FileNotFoundError, ConnectionRefusedError):
             _start(path)
             return None
+        if _peer_uid(s) != os.geteuid():
+            log.warning("%s is not served by our uid: not used", path)
+            return None
         msg = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd()}).encode()
         socket.send_fds(s, [msg], [ready_fd, stderr_fd])
-        reply = s.recv(64)
     except OSError as e:
         log.debug("zygote at %s: %s", path, e)
+        s.close()
         return None
+    # Sent: the zygote may fork at any moment now, so there is no going back (a
+    # daemon started here as well could stack a second mount).
+    try:
+        s.settimeout(30)
+        reply = s.recv(64)
+    except OSError as e:
+        raise MountError(f"the zygote did not answer: {e}") from None
     finally:
         s.close()
+    if reply == b"refused":
+        return None  # checked before forking anything: start it the plain way
     if not reply.startswith(b"pid "):
-        log.debug("zygote refused: %r", reply)
-        return None
+        raise MountError("the zygote did not start the daemon")
     return int(reply[4:])
+
+
+def _peer_uid(s: socket.socket) -> int:
+    creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 def _start(path: str) -> None:
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        # the zygote must import the very code the client runs (and fingerprinted)
+        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = top + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         subprocess.Popen(
             [sys.executable, "-P", "-m", "unionfuse", "_zygote", path, " " * ARGV_PAD],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
+            start_new_session=True, close_fds=True, cwd="/", env=env,
         )
     except OSError as e:
         log.debug("can't start a zygote: %s", e)
@@ -115,8 +151,12 @@ def _start(path: str) -> None:
 def serve(path: str) -> int:
     from . import mount
 
-    # everything a daemon imports, in the order serve() needs (the shim before pyfuse3)
-    mount._load_fuse_shim()
+    os.chdir("/")  # hold no filesystem busy
+    if os.path.basename(path) != f"zygote-{fingerprint()}.sock":
+        return 0  # not the code the client fingerprinted: serve nothing
+    # everything a daemon imports, in the order serve() needs (the shim before pyfuse3;
+    # each daemon then turns it on or off for itself)
+    mount._load_fuse_shim(force=True)
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
 
@@ -131,8 +171,10 @@ def serve(path: str) -> int:
         return 0  # another zygote has it
     st = os.stat(path)
     pidfile = path[: -len(".sock")] + ".pid"
-    with open(pidfile, "w") as f:
+    fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
+    me = _context(os.getpid())
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     sock.settimeout(idle)
@@ -143,18 +185,21 @@ def serve(path: str) -> int:
             except socket.timeout:
                 break
             try:
-                _handle(sock, conn)
+                conn.settimeout(5)
+                _handle(sock, conn, me)
             except Exception:  # never let one bad request end the zygote
                 log.exception("zygote request")
             finally:
                 conn.close()
     finally:
-        for p in (path, pidfile):
-            try:
-                if p == pidfile or os.stat(p).st_ino == st.st_ino:
-                    os.unlink(p)
-            except OSError:
-                pass
+        try:
+            if os.stat(path).st_ino == st.st_ino:
+                os.unlink(path)
+            with open(pidfile) as f:
+                if f.read().strip() == str(os.getpid()):
+                    os.unlink(pidfile)
+        except OSError:
+            pass
     return 0
 
 
@@ -184,12 +229,31 @@ def _bind(path: str) -> socket.socket | None:
     return None
 
 
-def _handle(sock: socket.socket, conn: socket.socket) -> None:
+def _context(pid: int) -> tuple | None:
+    """What a process runs with that a daemon forked here would take from the zygote
+    instead: privileges, namespaces, root, cgroup, limits."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = tuple(line for line in f
+                           if line.startswith(("Uid:", "Gid:", "Groups:", "Cap", "NoNewPrivs:", "Seccomp:")))
+        ns = tuple(os.readlink(f"/proc/{pid}/ns/{n}") for n in ("mnt", "user", "pid", "net", "ipc", "uts", "cgroup")
+                   if os.path.exists(f"/proc/{pid}/ns/{n}"))
+        with open(f"/proc/{pid}/cgroup") as f:
+            cgroup = f.read()
+        with open(f"/proc/{pid}/limits") as f:
+            limits = f.read()
+        return status, ns, os.readlink(f"/proc/{pid}/root"), cgroup, limits
+    except OSError:
+        return None
+
+
+def _handle(sock: socket.socket, conn: socket.socket, me: tuple | None) -> None:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
+    peer, uid, _gid = struct.unpack("3i", creds)
     msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_MSG, 2)
     try:
-        if uid != os.geteuid() or len(fds) != 2:
+        # (the peer waits for our answer: its pid can't be reused meanwhile)
+        if uid != os.geteuid() or len(fds) != 2 or me is None or _context(peer) != me:
             conn.send(b"refused")
             return
         req = json.loads(msg)
@@ -200,6 +264,11 @@ def _handle(sock: socket.socket, conn: socket.socket) -> None:
                 sock.close()
                 conn.close()
                 rc = _child(req, fds[0], fds[1])
+            except BaseException as e:  # cli.main reports its own; anything else, one line
+                try:
+                    os.write(2, f"unionfuse: starting the daemon: {e}\n".encode())
+                except OSError:
+                    pass
             finally:
                 os._exit(rc)
         conn.send(b"pid %d" % pid)
