@@ -350,6 +350,8 @@ def run_one(impl: str, sc: Scenario, data: str, base: str) -> dict:
             sc.plain_reset(data, m)
         if sc.setup:
             sc.setup(m)
+        # earlier runs' dirty pages (GiBs of them) would be written back during this one
+        os.sync()
         cpu0 = _cpu(m.pid)
         t0 = time.perf_counter()
         sc.run(m)
