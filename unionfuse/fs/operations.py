@@ -109,10 +109,10 @@ class DirCache:
     def __init__(self, gen: int, names: list[bytes]):
         self.gen = gen
         # in the order of their readdir offsets, keys: hash(name) (stable while the
-        # daemon runs, bytes cache their hash), in 1..2**62
-        names.sort(key=_dir_key)
-        self.names = names
-        self.keys = [_dir_key(n) for n in names]
+        # daemon runs), in 1..2**62
+        keyed = sorted(zip(map(_dir_key, names), names))
+        self.keys = [k for k, _ in keyed]
+        self.names = [n for _, n in keyed]
         # name -> weak ref to the child's node (None: the name resolved to nothing)
         self.ents: dict[bytes, weakref.ref | None] = {}
 
@@ -585,16 +585,7 @@ class UnionOperations(pyfuse3.Operations):
         real = self._real(node)
         if real is None:
             raise _err(errno.ENOENT)
-        fd = None
-        if node.in_upper:
-            try:
-                fd = os.open(real, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except PermissionError:
-                if write:
-                    raise
-        writable = fd is not None
-        if fd is None:
-            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd, writable = self._open_file(node, real, write)
         if h is not None:  # a read-only fd that now has to write
             os.dup2(fd, h.fd)
             os.close(fd)
@@ -602,6 +593,18 @@ class UnionOperations(pyfuse3.Operations):
             return h.fd
         self._cache_fd(node, fd, writable)
         return fd
+
+    @staticmethod
+    def _open_file(node: Node, real: bytes, write: bool) -> tuple[int, bool]:
+        """(fd, writable) on a file's real data: read-write once it is in the upper,
+        read-only if the daemon may not write it and *write* is not needed."""
+        if node.in_upper:
+            try:
+                return os.open(real, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW), True
+            except PermissionError:
+                if write:
+                    raise
+        return os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), False
 
     def _cache_fd(self, node: Node, fd: int, writable: bool) -> None:
         h = node.fdh = CachedFd(fd, node, node.in_upper, writable)
@@ -632,13 +635,7 @@ class UnionOperations(pyfuse3.Operations):
             st = node.last_st if node.last_st is not None else lstat_or_none(real)
             if st is None or not stat.S_ISREG(st.st_mode):
                 return  # only regular files are read and written through us
-            try:
-                fd = os.open(real, (os.O_RDWR if node.in_upper else os.O_RDONLY)
-                             | os.O_CLOEXEC | os.O_NOFOLLOW)
-                writable = node.in_upper
-            except PermissionError:
-                fd, writable = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), False
-            self._cache_fd(node, fd, writable)
+            self._cache_fd(node, *self._open_file(node, real, False))
             h = node.fdh
         if not h.pinned:
             h.pinned = True
