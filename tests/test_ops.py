@@ -531,7 +531,8 @@ def test_readdir_big_and_stable(mnt):
         open(f"{mnt}/big/f{i:05d}", "w").close()
     names = os.listdir(f"{mnt}/big")
     assert len(names) == 1500 and len(set(names)) == 1500
-    # deleting while iterating neither skips nor repeats the survivors
+    # deleting and creating while iterating (over a listing the kernel has cached)
+    # neither skips nor repeats the names present throughout
     seen = []
     with os.scandir(f"{mnt}/big") as it:
         for i, e in enumerate(it):
@@ -539,7 +540,11 @@ def test_readdir_big_and_stable(mnt):
             if i == 10:
                 for j in range(1400, 1500):
                     os.unlink(f"{mnt}/big/f{j:05d}")
+                for j in range(100):
+                    open(f"{mnt}/big/new{j:03d}", "w").close()
     assert len(seen) == len(set(seen))
+    assert {f"f{i:05d}" for i in range(1400)} <= set(seen)
+    assert len(os.listdir(f"{mnt}/big")) == 1500
 
 
 # -- a non-root caller --------------------------------------------------------------
