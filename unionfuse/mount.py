@@ -254,6 +254,7 @@ def serve(spec: MountSpec) -> int:
     import pyfuse3
     import trio
 
+    from .fs import fastwait
     from .fs.operations import NO_SPAWN, UnionOperations
 
     spec.check()
@@ -299,6 +300,8 @@ def serve(spec: MountSpec) -> int:
             # One worker: see UnionOperations._in_thread for how blocking requests are
             # kept from stalling the others.
             ops.worker_nursery = nursery
+            if fastwait.install(pyfuse3):
+                log.debug("fast wait for requests installed")
             await pyfuse3.main(min_tasks=1, max_tasks=NO_SPAWN)
             nursery.cancel_scope.cancel()
 

@@ -21,7 +21,7 @@ import weakref
 import pyfuse3
 import trio
 
-from . import copyup
+from . import copyup, fastwait
 from .copyup import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 from .inodes import InodeTable, Node
 from .union import (
@@ -243,8 +243,26 @@ class UnionOperations(pyfuse3.Operations):
         """
         n = self.worker_nursery
         loop = getattr(pyfuse3, "_session_loop", None)
-        if n is not None and loop is not None:
-            n.start_soon(loop, n, 0, NO_SPAWN, name="pyfuse3-extra")
+        # fastwait: every wait goes through trio from now until the extra worker has
+        # ended (it could otherwise be woken for a request the fast wait already took)
+        fastwait.busy()
+        if n is None or loop is None:
+            try:
+                return await trio.to_thread.run_sync(fn, *args)
+            finally:
+                fastwait.idle()
+
+        async def extra():
+            try:
+                await loop(n, 0, NO_SPAWN)
+            finally:
+                fastwait.idle()
+
+        try:
+            n.start_soon(extra, name="pyfuse3-extra")
+        except BaseException:
+            fastwait.idle()
+            raise
         return await trio.to_thread.run_sync(fn, *args)
 
     # -- set-up helpers ---------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""Wait for the next FUSE request without a trip through trio's scheduler.
+
+pyfuse3's worker loop waits for /dev/fuse with ``trio.lowlevel.wait_readable``: the
+task parks, trio runs its I/O loop (epoll), wakes the task and switches back to it.  For
+a daemon that answers one request at a time that round costs about as much as
+answering the request.  While nothing else in the daemon can need trio (no thread is
+running for a request, no second worker exists), the wait can instead be a plain
+blocking ``poll()`` on the FUSE fd with the GIL released: the kernel wakes this thread
+directly when the next request arrives.
+
+What else could need the trio loop, and how it is noticed:
+
+* signals: trio's signal receiver writes the wakeup fd (``signal.set_wakeup_fd``),
+  which is in the poll set; when it fires we go back to trio's own wait, which runs
+  the signal task.
+* a blocking request run in a thread (UnionOperations._in_thread): it calls
+  :func:`busy` / :func:`idle` around the thread and the extra worker, and while
+  anything is busy every wait is trio's.
+* fairness: every ``YIELD_EVERY`` requests, and after ``IDLE_MS`` without one, the
+  wait goes through trio anyway.
+
+pyfuse3 looks ``_wait_fuse_readable`` up in its module globals on every call, so
+:func:`install` replaces it; the original keeps doing the trio wait (with pyfuse3's read
+lock and reader count, which its worker loop relies on).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+
+log = logging.getLogger(__name__)
+
+YIELD_EVERY = 64
+IDLE_MS = 1000
+NO_FASTWAIT_ENV = "UNIONFUSE_NO_FASTWAIT"
+
+_busy = 0
+
+
+def busy() -> None:
+    global _busy
+    _busy += 1
+
+
+def idle() -> None:
+    global _busy
+    _busy -= 1
+
+
+def fuse_fd() -> int | None:
+    """The /dev/fuse fd pyfuse3 opened (it does not export it)."""
+    found = None
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                if found is not None:
+                    return None  # two: can't tell which is the session's
+                found = int(name)
+        except OSError:
+            continue
+    return found
+
+
+def install(pyfuse3) -> bool:
+    if os.environ.get(NO_FASTWAIT_ENV) == "1":
+        return False
+    original = getattr(pyfuse3, "_wait_fuse_readable", None)
+    fd = fuse_fd()
+    if original is None or fd is None:
+        log.debug("fast wait not installed (pyfuse3 internals or fd not found)")
+        return False
+    wake = signal.set_wakeup_fd(-1)  # trio's; put back as trio set it
+    signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if wake >= 0:
+        poller.register(wake, select.POLLIN)
+    count = 0
+
+    async def _wait_fuse_readable():
+        nonlocal count
+        if _busy or count >= YIELD_EVERY:
+            count = 0
+            return await original()
+        count += 1
+        try:
+            ready = poller.poll(IDLE_MS)
+        except OSError as e:
+            if e.errno != errno.EINTR:
+                raise
+            ready = ()
+        if len(ready) == 1 and ready[0][0] == fd and not ready[0][1] & ~select.POLLIN:
+            return True
+        count = 0
+        return await original()
+
+    pyfuse3._wait_fuse_readable = _wait_fuse_readable
+    return True
