@@ -202,6 +202,7 @@ def _user_allow_other() -> bool:
 
 # Set to 1 to run without fs/_fuseshim (kernel-cached dir listings and symlinks).
 NO_SHIM_ENV = "UNIONFUSE_NO_SHIM"
+NO_FASTPATH_ENV = "UNIONFUSE_NO_FASTPATH"  # A/B: keep the shim, answer everything in Python
 SHIM_MODULE = "unionfuse.fs._fuseshim"
 
 
@@ -233,6 +234,8 @@ def _load_fuse_shim(force: bool = False):
         # Without OPEN the daemon opens files with its own rights, later: only when
         # those rights are not narrower than what the kernel already checked.
         flags |= shim.NO_OPEN
+        if os.environ.get(NO_FASTPATH_ENV) != "1":
+            flags |= shim.FASTPATH  # needs NO_OPEN: it serves the daemon's cached fds
     shim.configure(flags)
     return shim
 
@@ -302,6 +305,9 @@ def serve(spec: MountSpec) -> int:
             ops.worker_nursery = nursery
             if fastwait.install(pyfuse3):
                 log.debug("fast wait for requests installed")
+            if shim is not None and shim.fp_enable(ops.timeout):
+                ops.fastpath = shim
+                log.debug("C fast path on")
             await pyfuse3.main(min_tasks=1, max_tasks=NO_SPAWN)
             nursery.cancel_scope.cancel()
 
@@ -309,6 +315,8 @@ def serve(spec: MountSpec) -> int:
         trio.run(main)
     finally:
         sd_notify("STOPPING=1")
+        if ops.fastpath is not None:
+            log.debug("answered in C: %s", ops.fastpath.fp_stats())
         pyfuse3.close(unmount=True)
         if pidf:
             try:

@@ -26,6 +26,18 @@
  *  - CACHE_SYMLINKS: readlink answers are cached by the kernel (symlinks never change
  *    in place; replacing one goes through us and drops the cache).
  *
+ *  - FASTPATH: a few requests are answered here, from a table the daemon keeps of
+ *    inodes whose answer needs no union logic (fp_set/fp_clear, below): READ from the
+ *    daemon's cached fd, WRITE to it (a file already in the upper layer), GETATTR and
+ *    SETATTR by fstat/fchmod/fchown/ftruncate/futimens on it (a plain upper file:
+ *    not unlinked, not in a hard-link group), GETXATTR "security.capability" for a
+ *    file known to have none (the kernel asks before every write), and RELEASE of a
+ *    file the daemon never opened (fh 0).  Anything else, and any inode not in the
+ *    table, goes to pyfuse3 as before.  The table belongs to the daemon's one trio
+ *    thread: it is only read here, inside fuse_session_process_buf() called from
+ *    that thread, and only written by the daemon from that thread; the daemon clears
+ *    an entry before it closes the fd or changes what the inode stands for.
+ *
  * status() reports what is in effect, so the daemon can log it and tests can check it.
  */
 #define PY_SSIZE_T_CLEAN
@@ -36,11 +48,24 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define SHIM_NO_OPENDIR 1u
 #define SHIM_CACHE_SYMLINKS 2u
 #define SHIM_NO_OPEN 4u
+#define SHIM_FASTPATH 8u
+
+/* what a fast-path table entry allows */
+#define FP_READ 1u    /* READ from fd */
+#define FP_WRITE 2u   /* WRITE to fd (read-write, upper) */
+#define FP_ATTR 4u    /* GETATTR = fstat(fd) */
+#define FP_SETATTR 8u /* SETATTR on fd (with FP_ATTR and FP_WRITE) */
+#define FP_NOCAPS 16u /* no security.capability xattr */
 
 #define INO_TAG (1ULL << 63) /* above every inode number (private ones start at 1<<62) */
 
@@ -52,6 +77,113 @@ static int cache_symlinks_on;        /* FUSE_CAP_CACHE_SYMLINKS wanted and grant
 static int kernel_no_open;           /* kernel supports NO_OPEN (set in INIT) */
 static int opendir_wrapped, open_wrapped; /* our wrappers are in the table */
 static int open_enosys_sent;         /* we answered ENOSYS to an OPEN */
+static int fastpath_wrapped;         /* getattr/getxattr wrappers are in the table */
+
+/* -- fast-path table: ino -> (fd, flags), open addressing, ino 0 = empty ---------- */
+
+struct fp_ent {
+    uint64_t ino;
+    int fd;
+    unsigned int flags;
+};
+
+#define FP_TOMB UINT64_MAX
+enum { FPS_READ, FPS_WRITE, FPS_GETATTR, FPS_SETATTR, FPS_GETXATTR, FPS_RELEASE, FPS_N };
+static const char *const fp_stat_names[FPS_N] = {"read", "write", "getattr", "setattr",
+                                                 "getxattr", "release"};
+static unsigned long long fp_stats[FPS_N];
+static struct fp_ent *fp_tab;
+static size_t fp_cap;  /* power of two, or 0 */
+static size_t fp_used; /* live + tombstones */
+static size_t fp_live;
+static int fp_on;      /* the daemon enabled it (fp_enable) */
+static double fp_timeout = 1.0;
+
+static inline size_t fp_hash(uint64_t ino)
+{
+    return (size_t)((ino * 0x9E3779B97F4A7C15ULL) >> 17);
+}
+
+static struct fp_ent *fp_get(uint64_t ino)
+{
+    if (!fp_live || ino == 0 || ino == FP_TOMB)
+        return NULL;
+    size_t mask = fp_cap - 1;
+    for (size_t i = fp_hash(ino) & mask;; i = (i + 1) & mask) {
+        struct fp_ent *e = &fp_tab[i];
+        if (e->ino == ino)
+            return e;
+        if (e->ino == 0)
+            return NULL;
+    }
+}
+
+static int fp_grow(void)
+{
+    size_t ncap = fp_cap ? fp_cap : 256;
+    while ((fp_live + 1) * 2 > ncap)
+        ncap *= 2;
+    struct fp_ent *nt = calloc(ncap, sizeof(*nt));
+    if (!nt)
+        return -1;
+    for (size_t j = 0; j < fp_cap; j++) {
+        uint64_t ino = fp_tab[j].ino;
+        if (ino == 0 || ino == FP_TOMB)
+            continue;
+        size_t i = fp_hash(ino) & (ncap - 1);
+        while (nt[i].ino)
+            i = (i + 1) & (ncap - 1);
+        nt[i] = fp_tab[j];
+    }
+    free(fp_tab);
+    fp_tab = nt;
+    fp_cap = ncap;
+    fp_used = fp_live;
+    return 0;
+}
+
+static int fp_put(uint64_t ino, int fd, unsigned int flags)
+{
+    struct fp_ent *e = fp_get(ino);
+    if (e) {
+        e->fd = fd;
+        e->flags = flags;
+        return 0;
+    }
+    if ((fp_used + 1) * 4 > fp_cap * 3 && fp_grow() < 0)
+        return -1;
+    size_t mask = fp_cap - 1;
+    size_t i = fp_hash(ino) & mask;
+    while (fp_tab[i].ino != 0 && fp_tab[i].ino != FP_TOMB)
+        i = (i + 1) & mask;
+    if (fp_tab[i].ino == 0)
+        fp_used++;
+    fp_tab[i].ino = ino;
+    fp_tab[i].fd = fd;
+    fp_tab[i].flags = flags;
+    fp_live++;
+    return 0;
+}
+
+static void fp_del(uint64_t ino)
+{
+    struct fp_ent *e = fp_get(ino);
+    if (e) {
+        e->ino = FP_TOMB;
+        e->fd = -1;
+        e->flags = 0;
+        fp_live--;
+    }
+}
+
+/* the entry for a request on *ino* with *fi* (NULL: not ours), allowing *need* */
+static struct fp_ent *fp_for(fuse_ino_t ino, struct fuse_file_info *fi, unsigned int need)
+{
+    if (!fp_on || (fi && fi->fh != ((uint64_t)ino | INO_TAG)))
+        return NULL;
+    struct fp_ent *e = fp_get(ino);
+    return (e && (e->flags & need) == need) ? e : NULL;
+}
 
 static struct fuse_lowlevel_ops real_ops; /* pyfuse3's table */
 static struct fuse_lowlevel_ops our_ops;
@@ -112,6 +244,22 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                       struct fuse_file_info *fi)
 {
     tag_fh(ino, fi);
+    struct fp_ent *e = fi ? fp_for(ino, fi, FP_READ) : NULL;
+    if (e) {
+        struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
+        buf.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+        buf.buf[0].fd = e->fd;
+        buf.buf[0].pos = off;
+        fp_stats[FPS_READ]++;
+        if (size >= 65536) {
+            Py_BEGIN_ALLOW_THREADS
+            fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+            Py_END_ALLOW_THREADS
+        } else {
+            fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+        }
+        return;
+    }
     real_ops.read(req, ino, size, off, fi);
 }
 
@@ -126,6 +274,28 @@ static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *b
                            struct fuse_file_info *fi)
 {
     tag_fh(ino, fi);
+    struct fp_ent *e = fi ? fp_for(ino, fi, FP_WRITE) : NULL;
+    if (e) {
+        size_t size = fuse_buf_size(bufv);
+        struct fuse_bufvec out = FUSE_BUFVEC_INIT(size);
+        ssize_t res;
+        out.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+        out.buf[0].fd = e->fd;
+        out.buf[0].pos = off;
+        fp_stats[FPS_WRITE]++;
+        if (size >= 65536) {
+            Py_BEGIN_ALLOW_THREADS
+            res = fuse_buf_copy(&out, bufv, 0);
+            Py_END_ALLOW_THREADS
+        } else {
+            res = fuse_buf_copy(&out, bufv, 0);
+        }
+        if (res < 0)
+            fuse_reply_err(req, (int)-res);
+        else
+            fuse_reply_write(req, (size_t)res);
+        return;
+    }
     real_ops.write_buf(req, ino, bufv, off, fi);
 }
 
@@ -138,6 +308,12 @@ static void shim_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     tag_fh(ino, fi);
+    if (fp_on && fi && fi->fh == ((uint64_t)ino | INO_TAG)) {
+        /* a file created while the kernel does not open: the daemon holds no handle */
+        fp_stats[FPS_RELEASE]++;
+        fuse_reply_err(req, 0);
+        return;
+    }
     real_ops.release(req, ino, fi);
 }
 
@@ -147,11 +323,74 @@ static void shim_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse
     real_ops.fsync(req, ino, datasync, fi);
 }
 
+#define FP_SETATTR_TIMES                                                                    \
+    (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)
+#define FP_SETATTR_OK                                                                       \
+    (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_SIZE |        \
+     FP_SETATTR_TIMES | FUSE_SET_ATTR_CTIME)
+
 static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
                          struct fuse_file_info *fi)
 {
     tag_fh(ino, fi);
+    struct fp_ent *e;
+    if (!(to_set & ~FP_SETATTR_OK) && (e = fp_for(ino, NULL, FP_ATTR | FP_SETATTR | FP_WRITE))) {
+        int fd = e->fd, err = 0;
+        struct stat st;
+        if ((to_set & FUSE_SET_ATTR_SIZE) && ftruncate(fd, attr->st_size) < 0)
+            err = errno;
+        if (!err && (to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) &&
+            fchown(fd, (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1,
+                   (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1) < 0)
+            err = errno;
+        if (!err && (to_set & FUSE_SET_ATTR_MODE) && fchmod(fd, attr->st_mode & 07777) < 0)
+            err = errno;
+        if (!err && (to_set & FP_SETATTR_TIMES)) {
+            struct timespec ts[2];
+            ts[0] = attr->st_atim;
+            ts[1] = attr->st_mtim;
+            if (!(to_set & FUSE_SET_ATTR_ATIME))
+                ts[0].tv_nsec = (to_set & FUSE_SET_ATTR_ATIME_NOW) ? UTIME_NOW : UTIME_OMIT;
+            if (!(to_set & FUSE_SET_ATTR_MTIME))
+                ts[1].tv_nsec = (to_set & FUSE_SET_ATTR_MTIME_NOW) ? UTIME_NOW : UTIME_OMIT;
+            if (futimens(fd, ts) < 0)
+                err = errno;
+        }
+        if (!err && fstat(fd, &st) < 0)
+            err = errno;
+        fp_stats[FPS_SETATTR]++;
+        if (err) {
+            fuse_reply_err(req, err);
+            return;
+        }
+        st.st_ino = ino;
+        fuse_reply_attr(req, &st, fp_timeout);
+        return;
+    }
     real_ops.setattr(req, ino, attr, to_set, fi);
+}
+
+static void shim_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    struct fp_ent *e = fp_for(ino, NULL, FP_ATTR);
+    struct stat st;
+    if (e && fstat(e->fd, &st) == 0) {
+        fp_stats[FPS_GETATTR]++;
+        st.st_ino = ino;
+        fuse_reply_attr(req, &st, fp_timeout);
+        return;
+    }
+    real_ops.getattr(req, ino, fi);
+}
+
+static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    if (fp_on && strcmp(name, "security.capability") == 0 && fp_for(ino, NULL, FP_NOCAPS)) {
+        fp_stats[FPS_GETXATTR]++;
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
+    real_ops.getxattr(req, ino, name, size);
 }
 
 static void shim_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -194,7 +433,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         if (!real_new)
             return NULL;
     }
-    opendir_wrapped = open_wrapped = 0;
+    opendir_wrapped = open_wrapped = fastpath_wrapped = 0;
     memset(&real_ops, 0, sizeof(real_ops));
     memcpy(&real_ops, op, op_size < sizeof(real_ops) ? op_size : sizeof(real_ops));
     our_ops = real_ops;
@@ -228,6 +467,12 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
             if (real_ops.fsync)
                 our_ops.fsync = shim_fsync;
         }
+        if ((want_flags & SHIM_FASTPATH) && open_wrapped && real_ops.getattr &&
+            real_ops.getxattr && real_ops.write_buf) { /* libfuse prefers write_buf */
+            our_ops.getattr = shim_getattr;
+            our_ops.getxattr = shim_getxattr;
+            fastpath_wrapped = 1;
+        }
     }
     interposed = 1;
     return real_new(args, &our_ops, sizeof(our_ops), userdata);
@@ -246,7 +491,8 @@ static PyObject *py_configure(PyObject *self, PyObject *args)
 
 static PyObject *py_status(PyObject *self, PyObject *noargs)
 {
-    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O}",
+    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
+                         "fastpath", fp_on ? Py_True : Py_False,
                          "interposed", interposed ? Py_True : Py_False,
                          "no_opendir", kernel_no_opendir ? Py_True : Py_False,
                          "opendir_enosys_sent", opendir_enosys_sent ? Py_True : Py_False,
@@ -255,7 +501,89 @@ static PyObject *py_status(PyObject *self, PyObject *noargs)
                          "cache_symlinks", cache_symlinks_on ? Py_True : Py_False);
 }
 
+static PyObject *py_fp_enable(PyObject *self, PyObject *args)
+{
+    double timeout;
+    if (!PyArg_ParseTuple(args, "d", &timeout))
+        return NULL;
+    if (!fastpath_wrapped)
+        Py_RETURN_FALSE;
+    fp_timeout = timeout;
+    fp_on = 1;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *py_fp_set(PyObject *self, PyObject *args)
+{
+    unsigned long long ino;
+    int fd;
+    unsigned int flags;
+    if (!PyArg_ParseTuple(args, "KiI", &ino, &fd, &flags))
+        return NULL;
+    if (ino == 0 || ino == FP_TOMB || (ino & INO_TAG) || fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad inode or fd");
+        return NULL;
+    }
+    if (!flags) {
+        fp_del(ino);
+        Py_RETURN_NONE;
+    }
+    if (fp_put(ino, fd, flags) < 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_fp_clear(PyObject *self, PyObject *args)
+{
+    unsigned long long ino;
+    if (!PyArg_ParseTuple(args, "K", &ino))
+        return NULL;
+    fp_del(ino);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_fp_get(PyObject *self, PyObject *args)
+{
+    unsigned long long ino;
+    if (!PyArg_ParseTuple(args, "K", &ino))
+        return NULL;
+    struct fp_ent *e = fp_get(ino);
+    if (!e)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(iI)", e->fd, e->flags);
+}
+
+static PyObject *py_fp_stats(PyObject *self, PyObject *noargs)
+{
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    for (int i = 0; i < FPS_N; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(fp_stats[i]);
+        if (!v || PyDict_SetItemString(d, fp_stat_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    PyObject *v = PyLong_FromSize_t(fp_live);
+    if (!v || PyDict_SetItemString(d, "entries", v) < 0) {
+        Py_XDECREF(v);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(v);
+    return d;
+}
+
 static PyMethodDef methods[] = {
+    {"fp_enable", py_fp_enable, METH_VARARGS,
+     "fp_enable(attr_timeout) -> bool: answer table hits in C from now on"},
+    {"fp_set", py_fp_set, METH_VARARGS, "fp_set(ino, fd, flags): flags 0 removes the entry"},
+    {"fp_clear", py_fp_clear, METH_VARARGS, "fp_clear(ino)"},
+    {"fp_get", py_fp_get, METH_VARARGS, "fp_get(ino) -> (fd, flags) or None"},
+    {"fp_stats", py_fp_stats, METH_NOARGS, "fp_stats() -> requests answered in C, by kind"},
     {"configure", py_configure, METH_VARARGS, "configure(flags): features to use in the next session"},
     {"status", py_status, METH_NOARGS, "status() -> dict of the features in effect"},
     {NULL, NULL, 0, NULL},
@@ -274,6 +602,12 @@ PyMODINIT_FUNC PyInit__fuseshim(void)
     PyModule_AddIntConstant(m, "NO_OPENDIR", SHIM_NO_OPENDIR);
     PyModule_AddIntConstant(m, "CACHE_SYMLINKS", SHIM_CACHE_SYMLINKS);
     PyModule_AddIntConstant(m, "NO_OPEN", SHIM_NO_OPEN);
+    PyModule_AddIntConstant(m, "FASTPATH", SHIM_FASTPATH);
+    PyModule_AddIntConstant(m, "FP_READ", FP_READ);
+    PyModule_AddIntConstant(m, "FP_WRITE", FP_WRITE);
+    PyModule_AddIntConstant(m, "FP_ATTR", FP_ATTR);
+    PyModule_AddIntConstant(m, "FP_SETATTR", FP_SETATTR);
+    PyModule_AddIntConstant(m, "FP_NOCAPS", FP_NOCAPS);
     PyModule_AddObject(m, "INO_TAG", PyLong_FromUnsignedLongLong(INO_TAG));
     return m;
 }

@@ -47,6 +47,10 @@ INLINE_COPY_MAX = 256 * 1024
 # fs/_fuseshim.c when the kernel caches listings and sends no OPENDIR)
 # pyfuse3 max_tasks that keeps it from ever starting a worker (see _in_thread)
 NO_SPAWN = -(1 << 30)
+
+CAPS_XATTR = b"security.capability"
+# fast-path table flags (fs/_fuseshim.c)
+FP_READ, FP_WRITE, FP_ATTR, FP_SETATTR, FP_NOCAPS = 1, 2, 4, 8, 16
 INO_TAG = 1 << 63  # above every inode number (inodes.py: private ones start at 1 << 62)
 INO_MASK = INO_TAG - 1
 
@@ -92,12 +96,13 @@ class CachedFd(Handle):
     the kernel knows the inode, in an LRU unless *pinned* (the file lost its last name
     while the kernel may still have it open: the fd is then the only way to its data)."""
 
-    __slots__ = ("writable", "pinned")
+    __slots__ = ("writable", "pinned", "nocaps")
 
     def __init__(self, fd: int, node: Node, upper: bool, writable: bool):
         super().__init__(fd, node, upper)
         self.writable = writable
         self.pinned = False
+        self.nocaps = False  # the file is known to have no security.capability
 
 
 class DirCache:
@@ -174,6 +179,9 @@ class UnionOperations(pyfuse3.Operations):
     # Set by the daemon (mount.serve) to the nursery the FUSE session runs in: while a
     # request waits on a thread, a second worker is started there (see _in_thread).
     worker_nursery: trio.Nursery | None = None
+    # Set by the daemon to the loaded fs/_fuseshim module once its C fast path is on:
+    # _fp_sync then keeps its table in step with the nodes.
+    fastpath = None
 
     def __init__(
         self,
@@ -465,6 +473,8 @@ class UnionOperations(pyfuse3.Operations):
             node.in_upper = ent.in_upper
             self.table.add_alias(node, parent, name)
         node.last_st = st
+        if node.fdh is not None:
+            self._fp_sync(node)
         return node
 
     # -- copy-up ----------------------------------------------------------------------
@@ -554,6 +564,7 @@ class UnionOperations(pyfuse3.Operations):
             raise
         log.debug("copied up %r (%d bytes)", src, st.st_size if data else 0)
         self._reopen_handles(node)
+        self._fp_sync(node)
 
     def _link_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """Hard-link a copied-up group's index file into the upper at one alias."""
@@ -608,6 +619,7 @@ class UnionOperations(pyfuse3.Operations):
             os.dup2(fd, h.fd)
             os.close(fd)
             h.writable = writable
+            self._fp_sync(node)
             return h.fd
         self._cache_fd(node, fd, writable)
         return fd
@@ -624,9 +636,11 @@ class UnionOperations(pyfuse3.Operations):
                     raise
         return os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), False
 
-    def _cache_fd(self, node: Node, fd: int, writable: bool) -> None:
+    def _cache_fd(self, node: Node, fd: int, writable: bool, nocaps: bool = False) -> None:
         h = node.fdh = CachedFd(fd, node, node.in_upper, writable)
+        h.nocaps = nocaps
         node.add_handle(h)
+        self._fp_sync(node)
         lru = self._fd_lru
         lru[node.ino] = node
         while len(lru) > self._fd_max:
@@ -667,9 +681,40 @@ class UnionOperations(pyfuse3.Operations):
             self._fd_lru.pop(node.ino, None)
         node.fdh = None
         node.drop_handle(h)
+        if self.fastpath is not None:
+            self.fastpath.fp_clear(node.ino)
+            if h.upper:
+                try:  # times and sizes the C side set without us
+                    node.last_st = os.fstat(h.fd)
+                except OSError:
+                    pass
         os.close(h.fd)
         self._drop_orphan(node)
         self.table.maybe_drop(node)
+
+    def _fp_sync(self, node: Node) -> None:
+        """Tell the C fast path (fs/_fuseshim.c) what it may answer for *node* itself:
+        called whenever the node's cached fd or what it stands for changes."""
+        fp = self.fastpath
+        if fp is None:
+            return
+        h = node.fdh
+        if h is None or node.is_dir:
+            fp.fp_clear(node.ino)
+            return
+        flags = FP_READ
+        if h.nocaps:
+            flags |= FP_NOCAPS
+        if node.in_upper and h.upper:
+            if h.writable:
+                flags |= FP_WRITE
+            # attributes are the upper file's own: no hard-link group keeping a link
+            # count of its own, no name gone (the kernel is told nlink 0 then)
+            if not node.deleted and node.index is None and node.orphan is None:
+                flags |= FP_ATTR
+                if h.writable and self.rw:
+                    flags |= FP_SETATTR
+        fp.fp_set(node.ino, h.fd, flags)
 
     def _drop_orphan(self, node: Node) -> None:
         if node.orphan is not None and not any(isinstance(x, Handle) for x in node.handles):
@@ -979,7 +1024,8 @@ class UnionOperations(pyfuse3.Operations):
         node, fd = await self._create_entry(self._node(parent_inode), name, ctx, mode)
         if self.no_open:
             # no RELEASE will come for this open: the fd becomes the node's cached one
-            self._cache_fd(node, fd, True)
+            # (a new file has no file capabilities: the kernel asks before each write)
+            self._cache_fd(node, fd, True, nocaps=True)
             return pyfuse3.FileInfo(fh=0, keep_cache=True), self._entry(node)
         fh = self._add_handle(Handle(fd, node, True))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
@@ -1004,6 +1050,7 @@ class UnionOperations(pyfuse3.Operations):
         if not node.aliases and (node.index is None or self._nlink(node, self._stat(node)) == 0):
             if not ent.in_upper or ent.st.st_nlink <= 1 or node.index is not None:
                 self.table.mark_deleted(node)
+                self._fp_sync(node)
         self.table.maybe_drop(node)
 
     def _remove_name(self, parent: Node, ppath: bytes, name: bytes, ent: Entry) -> None:
@@ -1034,6 +1081,7 @@ class UnionOperations(pyfuse3.Operations):
             self._remove_name(parent, ppath, name, ent)
             self.table.remove_alias(node, parent, name)
             self.table.mark_deleted(node)
+            self._fp_sync(node)
         finally:
             self.table.maybe_drop(node)
 
@@ -1150,6 +1198,7 @@ class UnionOperations(pyfuse3.Operations):
             self.table.remove_alias(dnode, pnew, name_new)
             if dnode.is_dir or not dnode.aliases:
                 self.table.mark_deleted(dnode)
+                self._fp_sync(dnode)
         self.table.remove_alias(snode, pold, name_old)
         self.table.add_alias(snode, pnew, name_new)
 
@@ -1374,7 +1423,14 @@ class UnionOperations(pyfuse3.Operations):
         real = self._real(node)
         if real is None:
             raise _err(errno.ENOENT)
-        return os.getxattr(real, name, follow_symlinks=False)
+        try:
+            return os.getxattr(real, name, follow_symlinks=False)
+        except OSError as e:
+            h = node.fdh
+            if e.errno == errno.ENODATA and name == CAPS_XATTR and h is not None and not h.nocaps:
+                h.nocaps = True
+                self._fp_sync(node)
+            raise
 
     async def listxattr(self, inode, ctx):
         node = self._node(inode)
@@ -1394,6 +1450,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self._node(inode)
         self._check_rw()
         await self._copy_up(node)
+        self._caps_may_change(node)
         os.setxattr(self._real(node), name, value, follow_symlinks=False)
 
     async def removexattr(self, inode, name, ctx):
@@ -1402,7 +1459,14 @@ class UnionOperations(pyfuse3.Operations):
         node = self._node(inode)
         self._check_rw()
         await self._copy_up(node)
+        self._caps_may_change(node)
         os.removexattr(self._real(node), name, follow_symlinks=False)
+
+    def _caps_may_change(self, node: Node) -> None:
+        h = node.fdh
+        if h is not None and h.nocaps:
+            h.nocaps = False
+            self._fp_sync(node)
 
     async def access(self, inode, mode, ctx):
         node = self._node(inode)
