@@ -1,0 +1,245 @@
+"""The daemon's C fast path (fs/_fuseshim.c: READ, WRITE, GETATTR, SETATTR, a
+security.capability GETXATTR and RELEASE answered from a table of cached fds) and its
+fast wait (fs/fastwait.py): the answers are the same as the Python ones, stay coherent
+with every change made through the mount, and the daemon still stops on a signal.
+
+Each coherence test runs twice: with the fast path, and with UNIONFUSE_NO_FASTPATH=1
+(everything answered in Python), so the two are held to the same results."""
+
+from __future__ import annotations
+
+import ast
+import errno
+import os
+import signal
+import stat
+import struct
+import time
+
+import pytest
+
+from conftest import start_daemon
+from unionfuse.mount import mount_entry
+
+CAPS = "security.capability"
+# a valid VFS_CAP_REVISION_2 value: cap_net_bind_service in the permitted set
+CAP_VALUE = struct.pack("<IIIII", 0x02000000, 1 << 10, 0, 0, 0)
+
+
+def write(p, data: bytes):
+    with open(p, "wb") as f:
+        f.write(data)
+
+
+def read(p) -> bytes:
+    with open(p, "rb") as f:
+        return f.read()
+
+
+def drop_page_cache():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1\n")
+
+
+def answered_in_c(d) -> dict | None:
+    """What the stopped daemon answered in C (its --debug log's last line of stats)."""
+    for line in reversed(d.log_text().splitlines()):
+        if "answered in C: " in line:
+            return ast.literal_eval(line.split("answered in C: ", 1)[1].strip())
+    return None
+
+
+@pytest.fixture
+def lay(dirs):
+    l2 = dirs["l2"]
+    write(l2 / "low", b"lower data\n")
+    write(l2 / "big", os.urandom(3 << 20))
+    return dirs
+
+
+@pytest.fixture(params=["fast", "python"])
+def mode(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setenv("UNIONFUSE_NO_FASTPATH", "1")
+    return request.param
+
+
+@pytest.fixture
+def daemon(lay, mode, tmp_path):
+    """A --debug daemon on l1+l2 (upper rw); stopped in teardown, or by the test."""
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [lay["l1"], lay["l2"]], lay["upper"], lay["work"], extra=("--debug",))
+    yield d
+    d.stop()
+
+
+def same_attrs(a: os.stat_result, b: os.stat_result, times=True):
+    """*times*=False after writes: with the writeback cache the kernel keeps the mtime
+    of its own writes, a moment before the daemon's pwrite stamps the upper file."""
+    fields = ["st_mode", "st_uid", "st_gid", "st_size", "st_nlink"]
+    for f in fields + (["st_mtime_ns"] if times else []):
+        assert getattr(a, f) == getattr(b, f), (f, a, b)
+
+
+def test_new_file_attrs_follow_writes_and_setattr(daemon, lay, mode):
+    mp, up = daemon.mountpoint, lay["upper"]
+    p = f"{mp}/new"
+    with open(p, "wb") as f:
+        f.write(b"x" * 10000)
+        f.flush()
+        os.fsync(f.fileno())
+        same_attrs(os.fstat(f.fileno()), os.lstat(up / "new"), times=False)
+        os.ftruncate(f.fileno(), 123)  # SETATTR size on an open file
+        assert os.fstat(f.fileno()).st_size == 123
+    os.chmod(p, 0o640)
+    os.chown(p, 1234, 4321)
+    os.utime(p, ns=(1_000_000_000, 2_000_000_123))
+    st = os.stat(p)
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert (st.st_uid, st.st_gid, st.st_size) == (1234, 4321, 123)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000, 2_000_000_123)
+    same_attrs(st, os.lstat(up / "new"))
+    os.utime(p)  # both "now"
+    st = os.stat(p)
+    assert abs(st.st_mtime - time.time()) < 5
+    same_attrs(st, os.lstat(up / "new"))
+    os.truncate(p, 0)
+    with open(p, "ab") as f:
+        f.write(b"tail")
+    drop_page_cache()  # the next read reaches the daemon
+    assert read(p) == b"tail"
+    assert read(up / "new") == b"tail"
+    daemon.stop()
+    stats = answered_in_c(daemon)
+    if mode == "python":
+        assert stats is None
+    else:  # the fast path did answer these (counted in C)
+        assert stats is not None, daemon.log_text()[-2000:]
+        for kind in ("write", "setattr", "getxattr", "read"):
+            assert stats[kind] > 0, stats
+
+
+def test_copied_up_file_is_written_through_its_new_fd(daemon, lay, mode):
+    mp, up = daemon.mountpoint, lay["upper"]
+    assert read(f"{mp}/low") == b"lower data\n"  # cached fd on the lower file
+    with open(f"{mp}/low", "ab") as f:
+        f.write(b"more\n")
+    drop_page_cache()
+    assert read(f"{mp}/low") == b"lower data\nmore\n"
+    assert read(up / "low") == b"lower data\nmore\n"
+    assert read(lay["l2"] / "low") == b"lower data\n"  # lower never modified
+    same_attrs(os.stat(f"{mp}/low"), os.lstat(up / "low"), times=False)
+    # a big lower file read at a large offset, then rewritten in the middle
+    data = read(lay["l2"] / "big")
+    with open(f"{mp}/big", "r+b") as f:
+        f.seek(1 << 20)
+        assert f.read(1 << 20) == data[1 << 20: 2 << 20]
+        f.seek(5)
+        f.write(b"HELLO")
+    drop_page_cache()
+    assert read(f"{mp}/big") == data[:5] + b"HELLO" + data[10:]
+    assert read(lay["l2"] / "big") == data
+
+
+def test_unlinked_and_replaced_files_are_not_answered_from_the_table(daemon, lay, mode):
+    mp = daemon.mountpoint
+    write(f"{mp}/gone", b"still here")
+    write(f"{mp}/victim", b"old")
+    write(f"{mp}/src", b"new")
+    with open(f"{mp}/gone", "r+b") as f, open(f"{mp}/victim", "rb") as v:
+        os.unlink(f"{mp}/gone")
+        assert os.fstat(f.fileno()).st_nlink == 0
+        f.seek(0, 2)
+        f.write(b"!")
+        f.flush()
+        os.fsync(f.fileno())
+        drop_page_cache()
+        f.seek(0)
+        assert f.read() == b"still here!"
+        os.rename(f"{mp}/src", f"{mp}/victim")  # replaces an open file
+        assert os.fstat(v.fileno()).st_nlink == 0
+        assert v.read() == b"old"
+    assert read(f"{mp}/victim") == b"new"
+    assert sorted(os.listdir(mp)) == ["big", "low", "victim"]
+
+
+def test_hard_links_share_attrs(daemon, lay, mode):
+    mp = daemon.mountpoint
+    write(f"{mp}/a", b"one")
+    os.link(f"{mp}/a", f"{mp}/b")
+    with open(f"{mp}/b", "ab") as f:
+        f.write(b"two")
+    os.chmod(f"{mp}/a", 0o600)
+    for name in ("a", "b"):
+        st = os.stat(f"{mp}/{name}")
+        assert (st.st_nlink, st.st_size, stat.S_IMODE(st.st_mode)) == (2, 6, 0o600)
+    os.unlink(f"{mp}/a")
+    assert os.stat(f"{mp}/b").st_nlink == 1
+    drop_page_cache()
+    assert read(f"{mp}/b") == b"onetwo"
+    # a lower file linked after copy-up: the hard-link group's own link count
+    os.link(f"{mp}/low", f"{mp}/low2")
+    with open(f"{mp}/low2", "ab") as f:
+        f.write(b"+")
+    assert os.stat(f"{mp}/low").st_nlink == 2
+    assert read(f"{mp}/low") == b"lower data\n+"
+
+
+def test_file_capabilities_set_through_the_mount_are_seen(daemon, lay, mode):
+    mp = daemon.mountpoint
+    write(f"{mp}/tool", b"#!/bin/sh\n")
+    with pytest.raises(OSError) as e:
+        os.getxattr(f"{mp}/tool", CAPS)
+    assert e.value.errno == errno.ENODATA
+    os.setxattr(f"{mp}/tool", CAPS, CAP_VALUE)
+    assert os.getxattr(f"{mp}/tool", CAPS) == CAP_VALUE
+    assert os.getxattr(lay["upper"] / "tool", CAPS) == CAP_VALUE
+    os.removexattr(f"{mp}/tool", CAPS)
+    with pytest.raises(OSError) as e:
+        os.getxattr(f"{mp}/tool", CAPS)
+    assert e.value.errno == errno.ENODATA
+    # a lower file with capabilities keeps them through a read (no "none" cached)
+    os.setxattr(lay["l2"] / "low", CAPS, CAP_VALUE)
+    assert read(f"{daemon.mountpoint}/low") == b"lower data\n"
+    assert os.getxattr(f"{mp}/low", CAPS) == CAP_VALUE
+
+
+def test_read_only_mount_refuses_writes_and_setattr(lay, tmp_path, mode):
+    mp = tmp_path / "ro"
+    mp.mkdir()
+    d = start_daemon(mp, [lay["l1"], lay["l2"]], extra=("--debug",))
+    try:
+        assert read(f"{mp}/low") == b"lower data\n"
+        with pytest.raises(OSError) as e:
+            os.chmod(f"{mp}/low", 0o600)
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            open(f"{mp}/low", "ab")
+        assert e.value.errno == errno.EROFS
+        drop_page_cache()
+        assert read(f"{mp}/low") == b"lower data\n"
+    finally:
+        d.stop()
+
+
+def test_daemon_idle_in_fast_wait_stops_at_once_on_sigterm(lay, tmp_path):
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [lay["l1"], lay["l2"]], lay["upper"], lay["work"], extra=("--debug",))
+    try:
+        for i in range(200):  # past the fast wait's turns back to trio
+            write(f"{mp}/f{i}", b"x")
+            os.stat(f"{mp}/f{i}")
+        time.sleep(0.3)  # now idle, blocked in poll()
+        t0 = time.monotonic()
+        os.kill(d.pid, signal.SIGTERM)
+        rc = d.proc.wait(10)
+        took = time.monotonic() - t0
+    finally:
+        d.stop()
+    assert rc == 0, d.log_text()[-2000:]
+    assert took < 2.0, took
+    assert "fast wait for requests installed" in d.log_text()
+    assert mount_entry(str(mp)) is None
