@@ -243,3 +243,67 @@ def test_daemon_idle_in_fast_wait_stops_at_once_on_sigterm(lay, tmp_path):
     assert took < 2.0, took
     assert "fast wait for requests installed" in d.log_text()
     assert mount_entry(str(mp)) is None
+
+
+def dir_attrs(st: os.stat_result):
+    return (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+
+
+def test_directory_attrs_follow_changes(daemon, lay, mode):
+    mp, up = daemon.mountpoint, lay["upper"]
+    (lay["l2"] / "ld").mkdir()
+    write(lay["l2"] / "ld" / "x", b"x")
+    # upper-only dir: its own link count, following subdirs made and removed
+    os.mkdir(f"{mp}/ud")
+    for _ in range(3):  # the first GETATTR is Python's, the next ones may be C's
+        assert os.stat(f"{mp}/ud").st_nlink == 2
+    os.mkdir(f"{mp}/ud/s")
+    assert os.stat(f"{mp}/ud").st_nlink == 3
+    os.chmod(f"{mp}/ud", 0o711)
+    os.chown(f"{mp}/ud", 12, 34)
+    assert dir_attrs(os.stat(f"{mp}/ud")) == dir_attrs(os.lstat(up / "ud"))
+    assert stat.S_IMODE(os.stat(f"{mp}/ud").st_mode) == 0o711
+    os.rmdir(f"{mp}/ud/s")
+    assert os.stat(f"{mp}/ud").st_nlink == 2
+    # a lower-only dir, then copied up by a create inside it: merged, nlink 1
+    before = os.stat(f"{mp}/ld")
+    assert os.stat(f"{mp}/ld").st_mtime_ns == before.st_mtime_ns
+    write(f"{mp}/ld/new", b"n")
+    for _ in range(3):
+        st = os.stat(f"{mp}/ld")
+        assert st.st_nlink == 1
+        assert dir_attrs(st) == dir_attrs(os.lstat(up / "ld"))
+    os.chmod(f"{mp}/ld", 0o700)
+    assert stat.S_IMODE(os.stat(f"{mp}/ld").st_mode) == 0o700
+    # renamed, removed, made again: each stat is the dir now at that name
+    os.rename(f"{mp}/ud", f"{mp}/ud2")
+    assert dir_attrs(os.stat(f"{mp}/ud2")) == dir_attrs(os.lstat(up / "ud2"))
+    os.rmdir(f"{mp}/ud2")
+    with pytest.raises(FileNotFoundError):
+        os.stat(f"{mp}/ud2")
+    os.mkdir(f"{mp}/ud2", 0o755)
+    st = os.stat(f"{mp}/ud2")
+    assert (st.st_nlink, stat.S_IMODE(st.st_mode), st.st_uid) == (2, 0o755, 0)
+    # the root: merged (upper + lowers)
+    for _ in range(3):
+        assert os.stat(mp).st_nlink == 1
+    os.unlink(f"{mp}/ld/new")
+    os.unlink(f"{mp}/ld/x")
+    os.rmdir(f"{mp}/ld")
+    assert not os.path.exists(f"{mp}/ld")
+    assert os.path.exists(lay["l2"] / "ld" / "x")  # lower never modified
+
+
+def test_unlinked_file_attrs_say_no_links(daemon, mode):
+    mp = daemon.mountpoint
+    with open(f"{mp}/tmpfile", "w+b") as f:
+        f.write(b"abc")
+        f.flush()
+        os.unlink(f"{mp}/tmpfile")
+        for _ in range(3):
+            st = os.fstat(f.fileno())
+            assert (st.st_nlink, st.st_size) == (0, 3)
+        os.fchmod(f.fileno(), 0o600)
+        os.ftruncate(f.fileno(), 1)
+        st = os.fstat(f.fileno())
+        assert (st.st_nlink, st.st_size, stat.S_IMODE(st.st_mode)) == (0, 1, 0o600)

@@ -28,9 +28,10 @@
  *
  *  - FASTPATH: a few requests are answered here, from a table the daemon keeps of
  *    inodes whose answer needs no union logic (fp_set/fp_clear, below): READ from the
- *    daemon's cached fd, WRITE to it (a file already in the upper layer), GETATTR and
- *    SETATTR by fstat/fchmod/fchown/ftruncate/futimens on it (a plain upper file:
- *    not unlinked, not in a hard-link group), GETXATTR "security.capability" for a
+ *    daemon's cached fd, WRITE to it (a file already in the upper layer), GETATTR by
+ *    fstat (a lower file, an upper file not in a hard-link group, or a directory's
+ *    O_PATH fd; nlink forced to 0 for an unlinked file, 1 for a merged dir), SETATTR
+ *    by ftruncate/fchown/fchmod/futimens (an upper file), GETXATTR "security.capability" for a
  *    file known to have none (the kernel asks before every write), and RELEASE of a
  *    file the daemon never opened (fh 0).  Anything else, and any inode not in the
  *    table, goes to pyfuse3 as before.  The table belongs to the daemon's one trio
@@ -66,6 +67,8 @@
 #define FP_ATTR 4u    /* GETATTR = fstat(fd) */
 #define FP_SETATTR 8u /* SETATTR on fd (with FP_ATTR and FP_WRITE) */
 #define FP_NOCAPS 16u /* no security.capability xattr */
+#define FP_NLINK0 32u /* GETATTR/SETATTR answer nlink 0 (the file has no name left) */
+#define FP_NLINK1 64u /* GETATTR answers nlink 1 (a merged directory) */
 
 #define INO_TAG (1ULL << 63) /* above every inode number (private ones start at 1<<62) */
 
@@ -329,6 +332,16 @@ static void shim_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse
     (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_SIZE |        \
      FP_SETATTR_TIMES | FUSE_SET_ATTR_CTIME)
 
+/* what the daemon's _make_entry would change in a stat of the real file */
+static inline void fp_fix_attr(const struct fp_ent *e, fuse_ino_t ino, struct stat *st)
+{
+    st->st_ino = ino;
+    if (e->flags & FP_NLINK0)
+        st->st_nlink = 0;
+    else if (e->flags & FP_NLINK1)
+        st->st_nlink = 1;
+}
+
 static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
                          struct fuse_file_info *fi)
 {
@@ -363,7 +376,7 @@ static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int 
             fuse_reply_err(req, err);
             return;
         }
-        st.st_ino = ino;
+        fp_fix_attr(e, ino, &st);
         fuse_reply_attr(req, &st, fp_timeout);
         return;
     }
@@ -376,7 +389,7 @@ static void shim_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     struct stat st;
     if (e && fstat(e->fd, &st) == 0) {
         fp_stats[FPS_GETATTR]++;
-        st.st_ino = ino;
+        fp_fix_attr(e, ino, &st);
         fuse_reply_attr(req, &st, fp_timeout);
         return;
     }
@@ -608,6 +621,8 @@ PyMODINIT_FUNC PyInit__fuseshim(void)
     PyModule_AddIntConstant(m, "FP_ATTR", FP_ATTR);
     PyModule_AddIntConstant(m, "FP_SETATTR", FP_SETATTR);
     PyModule_AddIntConstant(m, "FP_NOCAPS", FP_NOCAPS);
+    PyModule_AddIntConstant(m, "FP_NLINK0", FP_NLINK0);
+    PyModule_AddIntConstant(m, "FP_NLINK1", FP_NLINK1);
     PyModule_AddObject(m, "INO_TAG", PyLong_FromUnsignedLongLong(INO_TAG));
     return m;
 }

@@ -51,6 +51,7 @@ NO_SPAWN = -(1 << 30)
 CAPS_XATTR = b"security.capability"
 # fast-path table flags (fs/_fuseshim.c)
 FP_READ, FP_WRITE, FP_ATTR, FP_SETATTR, FP_NOCAPS = 1, 2, 4, 8, 16
+FP_NLINK0, FP_NLINK1 = 32, 64  # GETATTR answers nlink 0 (unlinked) / 1 (merged dir)
 INO_TAG = 1 << 63  # above every inode number (inodes.py: private ones start at 1 << 62)
 INO_MASK = INO_TAG - 1
 
@@ -227,6 +228,10 @@ class UnionOperations(pyfuse3.Operations):
         self.no_open = False
         self._fd_lru: dict[int, Node] = {}  # ino -> node with an unpinned CachedFd
         self._fd_max = _fd_budget()
+        # fast path (fs/_fuseshim.c) for directories' GETATTR: ino -> O_PATH fd on the
+        # dir's real copy, oldest first, at most _dir_fd_max (see _dir_fp_add)
+        self._dir_fds: dict[int, int] = {}
+        self._dir_fd_max = max(16, self._fd_max // 4)
         self._next_fh = 1
         # bumped around every change to the upper tree: DirCache validity
         self.gen = 0
@@ -461,6 +466,10 @@ class UnionOperations(pyfuse3.Operations):
         lowers = ent.lowers if (ent.is_dir or not ent.in_upper or not node.lowers) else node.lowers
         if lowers != node.lowers:
             node.attrs = None
+            if node.is_dir:
+                self._dir_fp_drop(node)
+        if node.is_dir and ent.in_upper != node.in_upper:
+            self._dir_fp_drop(node)
         node.lowers = lowers
         if group is not None:
             node.index = group
@@ -503,6 +512,7 @@ class UnionOperations(pyfuse3.Operations):
             copyup.remove_tree(tmp)
             raise
         node.in_upper = True
+        self._dir_fp_drop(node)  # its attrs are the upper copy's from now on
         self.gen += 1
 
     async def _copy_up(self, node: Node, data: bool = True) -> None:
@@ -698,8 +708,12 @@ class UnionOperations(pyfuse3.Operations):
         fp = self.fastpath
         if fp is None:
             return
+        if node.is_dir:
+            if node.deleted:
+                self._dir_fp_drop(node)
+            return
         h = node.fdh
-        if h is None or node.is_dir:
+        if h is None:
             fp.fp_clear(node.ino)
             return
         flags = FP_READ
@@ -709,12 +723,44 @@ class UnionOperations(pyfuse3.Operations):
             if h.writable:
                 flags |= FP_WRITE
             # attributes are the upper file's own: no hard-link group keeping a link
-            # count of its own, no name gone (the kernel is told nlink 0 then)
-            if not node.deleted and node.index is None and node.orphan is None:
-                flags |= FP_ATTR
+            # count of its own, not moved to the work dir (orphan: nlink 1 there)
+            if node.index is None and node.orphan is None:
+                flags |= FP_ATTR | (FP_NLINK0 if node.deleted else 0)
                 if h.writable and self.rw:
                     flags |= FP_SETATTR
+        elif not (node.in_upper or h.upper or node.deleted) and node.index is None \
+                and node.orphan is None:
+            flags |= FP_ATTR  # a lower file: immutable, its attrs are its own
         fp.fp_set(node.ino, h.fd, flags)
+
+    def _dir_fp_add(self, node: Node) -> None:
+        """Let the C fast path answer GETATTR for directory *node* (after Python has
+        answered one): an O_PATH fd on its real copy, and nlink 1 if it is merged.
+        Dropped (_dir_fp_drop) when it is copied up, its layers change, it is deleted,
+        or the kernel forgets it."""
+        if node.deleted or node.ino in self._dir_fds:
+            return
+        real = self._real(node)
+        if real is None:
+            return
+        try:
+            fd = os.open(real, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        merged = len(node.lowers) + (1 if node.in_upper else 0) > 1
+        dfds = self._dir_fds
+        dfds[node.ino] = fd
+        self.fastpath.fp_set(node.ino, fd, FP_ATTR | (FP_NLINK1 if merged else 0))
+        while len(dfds) > self._dir_fd_max:
+            ino = next(iter(dfds))
+            self.fastpath.fp_clear(ino)
+            os.close(dfds.pop(ino))
+
+    def _dir_fp_drop(self, node: Node) -> None:
+        fd = self._dir_fds.pop(node.ino, None)
+        if fd is not None:
+            self.fastpath.fp_clear(node.ino)
+            os.close(fd)
 
     def _drop_orphan(self, node: Node) -> None:
         if node.orphan is not None and not any(isinstance(x, Handle) for x in node.handles):
@@ -929,13 +975,20 @@ class UnionOperations(pyfuse3.Operations):
             try:
                 node = by_ino.get(ino)
                 self.table.forget(ino, n)
-                if node is not None and node.lookups == 0 and node.fdh is not None:
-                    self._close_fd(node)  # the kernel has no file open on it any more
+                if node is not None and node.lookups == 0:
+                    if node.fdh is not None:
+                        self._close_fd(node)  # the kernel has no file open on it any more
+                    elif node.is_dir:
+                        self._dir_fp_drop(node)
             except Exception:  # pragma: no cover - never let forget fail
                 log.exception("forget(%d)", ino)
 
     async def getattr(self, inode, ctx):
-        return self._entry(self._node(inode), fresh=True)
+        node = self._node(inode)
+        e = self._entry(node, fresh=True)
+        if node.is_dir and self.fastpath is not None:
+            self._dir_fp_add(node)  # the next GETATTRs are answered in C
+        return e
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
