@@ -863,14 +863,18 @@ class UnionOperations(pyfuse3.Operations):
             renameat2(tmp, dst, RENAME_NOREPLACE)
             self._clear_oci_whiteout(ppath, name)
 
-    def _owner(self, parent_real: bytes, ctx, mode: int, is_dir: bool) -> tuple[int, int, int]:
+    def _owner(self, parent_real: bytes, ctx, mode: int,
+               is_dir: bool) -> tuple[int, int, int, bool]:
+        """(uid, gid, mode) for a new entry, and whether it needs a chown: not when the
+        daemon's own ids (or a setgid parent's group) are already the right ones."""
         pst = os.lstat(parent_real)
         gid = ctx.gid
+        own_gid = os.getegid()
         if pst.st_mode & stat.S_ISGID:
-            gid = pst.st_gid
+            gid = own_gid = pst.st_gid
             if is_dir:
                 mode |= stat.S_ISGID
-        return ctx.uid, gid, mode
+        return ctx.uid, gid, mode, ctx.uid != os.geteuid() or gid != own_gid
 
     async def _create_entry(self, parent: Node, name: bytes, ctx, mode: int, *, rdev: int = 0,
                             target: bytes | None = None) -> tuple[Node, int | None]:
@@ -884,7 +888,7 @@ class UnionOperations(pyfuse3.Operations):
         pdir = self._up(ppath)
         kind = stat.S_IFMT(mode)
         is_dir = kind == stat.S_IFDIR
-        uid, gid, mode = self._owner(pdir, ctx, mode, is_dir)
+        uid, gid, mode, chown = self._owner(pdir, ctx, mode, is_dir)
         dst = os.path.join(pdir, name)
         path = self.work.tmpname() if (ent.upper_whiteout or is_dir) else dst
         fd = None
@@ -899,7 +903,8 @@ class UnionOperations(pyfuse3.Operations):
                 os.symlink(target, path)
             else:
                 os.mknod(path, mode, rdev)
-            os.chown(path, uid, gid, follow_symlinks=False)
+            if chown:
+                os.chown(path, uid, gid, follow_symlinks=False)
             if mode & (stat.S_ISUID | stat.S_ISGID) and kind != stat.S_IFLNK:
                 os.chmod(path, stat.S_IMODE(mode))
             if path != dst:
@@ -1079,7 +1084,7 @@ class UnionOperations(pyfuse3.Operations):
             # no RELEASE will come for this open: the fd becomes the node's cached one
             # (a new file has no file capabilities: the kernel asks before each write)
             self._cache_fd(node, fd, True, nocaps=True)
-            return pyfuse3.FileInfo(fh=0, keep_cache=True), self._entry(node)
+            return pyfuse3.FileInfo(fh=0, keep_cache=True), self._entry(node, node.last_st)
         fh = self._add_handle(Handle(fd, node, True))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
 
@@ -1209,6 +1214,10 @@ class UnionOperations(pyfuse3.Operations):
                 raise _err(errno.EISDIR)
             if dst.is_dir and self._listdir(dnode):
                 raise _err(errno.ENOTEMPTY)
+        # all in the upper already (no copy-up, nothing awaited): src and dst stand
+        ready = (snode.in_upper and pold.in_upper and pnew.in_upper
+                 and (not exchange or dnode.in_upper)
+                 and (dnode is None or dnode.index is None or exchange))
         await self._copy_up(snode)
         if exchange:
             await self._copy_up(dnode)
@@ -1216,11 +1225,14 @@ class UnionOperations(pyfuse3.Operations):
             await self._group_add(dnode, -1)
         self._copy_up_dir(pold)
         self._copy_up_dir(pnew)
-        # Re-resolve: names may have changed while we copied.
-        oldpath, src = self._resolve(pold, name_old)
-        newpath, dst = self._resolve(pnew, name_new)
-        if not src.found or (exchange and not dst.found):
-            raise _err(errno.ENOENT)
+        if ready:
+            oldpath, newpath = self._path(pold), self._path(pnew)
+        else:
+            # Re-resolve: names may have changed while we copied.
+            oldpath, src = self._resolve(pold, name_old)
+            newpath, dst = self._resolve(pnew, name_new)
+            if not src.found or (exchange and not dst.found):
+                raise _err(errno.ENOENT)
         up_old = self._up(join(oldpath, name_old))
         up_new = self._up(join(newpath, name_new))
         if exchange:
