@@ -70,7 +70,7 @@ def test_shim_is_in_effect(mnt):
     log = mnt.log_text()
     line = next((x for x in log.splitlines() if "kernel caching:" in x), "kernel caching:")
     features = line.split("kernel caching:")[1].strip().split(", ")
-    for feature in ("no_opendir", "no_open", "cache_symlinks"):
+    for feature in ("no_opendir", "no_open", "cache_symlinks", "splice_write"):
         assert feature in features, log[-2000:]
 
 

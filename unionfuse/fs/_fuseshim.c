@@ -81,6 +81,7 @@ static int kernel_no_open;           /* kernel supports NO_OPEN (set in INIT) */
 static int opendir_wrapped, open_wrapped; /* our wrappers are in the table */
 static int open_enosys_sent;         /* we answered ENOSYS to an OPEN */
 static int fastpath_wrapped;         /* getattr/getxattr wrappers are in the table */
+static int splice_write_on;          /* FUSE_CAP_SPLICE_WRITE granted */
 
 /* -- fast-path table: ino -> (fd, flags), open addressing, ino 0 = empty ---------- */
 
@@ -207,6 +208,12 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
     if ((want_flags & SHIM_CACHE_SYMLINKS) && (conn->capable & FUSE_CAP_CACHE_SYMLINKS)) {
         conn->want |= FUSE_CAP_CACHE_SYMLINKS;
         cache_symlinks_on = 1;
+    }
+    /* the C fast path's READ replies move file pages into /dev/fuse with splice()
+     * instead of reading them into a buffer and writing that (see shim_read) */
+    if ((want_flags & SHIM_FASTPATH) && (conn->capable & FUSE_CAP_SPLICE_WRITE)) {
+        conn->want |= FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
+        splice_write_on = 1;
     }
     /* last: pyfuse3's handler calls Operations.init(), which may read status() */
     if (real_ops.init)
@@ -504,8 +511,9 @@ static PyObject *py_configure(PyObject *self, PyObject *args)
 
 static PyObject *py_status(PyObject *self, PyObject *noargs)
 {
-    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
+    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
                          "fastpath", fp_on ? Py_True : Py_False,
+                         "splice_write", splice_write_on ? Py_True : Py_False,
                          "interposed", interposed ? Py_True : Py_False,
                          "no_opendir", kernel_no_opendir ? Py_True : Py_False,
                          "opendir_enosys_sent", opendir_enosys_sent ? Py_True : Py_False,

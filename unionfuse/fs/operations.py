@@ -948,7 +948,8 @@ class UnionOperations(pyfuse3.Operations):
         shim = sys.modules.get("unionfuse.fs._fuseshim")
         st = shim.status() if shim is not None else {}
         self.no_open = bool(st.get("no_open"))
-        on = [k for k in ("no_opendir", "no_open", "cache_symlinks") if st.get(k)]
+        on = [k for k in ("no_opendir", "no_open", "cache_symlinks", "splice_write")
+              if st.get(k)]
         log.info("kernel caching: attrs, entries, data%s%s", ", " if on else "", ", ".join(on))
 
     async def lookup(self, parent_inode, name, ctx):
