@@ -162,6 +162,12 @@ def serve(path: str) -> int:
 
     from .fs import operations  # noqa: F401
 
+    # what every child inherits: collected once here, then out of the collector's sight
+    # (and its pages stay shared with the children); see mount._tune_gc
+    import gc
+
+    gc.collect()
+    gc.freeze()
     try:
         idle = float(os.environ.get(IDLE_ENV, "600"))
     except ValueError:
