@@ -209,10 +209,12 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
         conn->want |= FUSE_CAP_CACHE_SYMLINKS;
         cache_symlinks_on = 1;
     }
-    /* the C fast path's READ replies move file pages into /dev/fuse with splice()
-     * instead of reading them into a buffer and writing that (see shim_read) */
+    /* The C fast path's READ replies splice file pages into /dev/fuse instead of
+     * reading them into a buffer and writing that (see shim_read).  Not SPLICE_MOVE:
+     * that could take the pages out of the lower file's cache, which every container
+     * made from the layer shares. */
     if ((want_flags & SHIM_FASTPATH) && (conn->capable & FUSE_CAP_SPLICE_WRITE)) {
-        conn->want |= FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
+        conn->want |= FUSE_CAP_SPLICE_WRITE;
         splice_write_on = 1;
     }
     /* last: pyfuse3's handler calls Operations.init(), which may read status() */
@@ -263,10 +265,10 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         fp_stats[FPS_READ]++;
         if (size >= 65536) {
             Py_BEGIN_ALLOW_THREADS
-            fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+            fuse_reply_data(req, &buf, 0);
             Py_END_ALLOW_THREADS
         } else {
-            fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+            fuse_reply_data(req, &buf, 0);
         }
         return;
     }

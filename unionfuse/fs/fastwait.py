@@ -10,9 +10,10 @@ directly when the next request arrives.
 
 What else could need the trio loop, and how it is noticed:
 
-* signals: trio's signal receiver writes the wakeup fd (``signal.set_wakeup_fd``),
-  which is in the poll set; when it fires we go back to trio's own wait, which runs
-  the signal task.
+* signals and threads: Python writes a byte to trio's wakeup socketpair on every
+  signal (``signal.set_wakeup_fd``), and so does a thread handing trio work; the read
+  end is in the poll set, and when it fires we go back to trio's own wait, which
+  drains it and runs what is due.
 * a blocking request run in a thread (UnionOperations._in_thread): it calls
   :func:`busy` / :func:`idle` around the thread and the extra worker, and while
   anything is busy every wait is trio's.
@@ -65,20 +66,34 @@ def fuse_fd() -> int | None:
     return found
 
 
+def _trio_wakeup_fd() -> int | None:
+    """The read end of trio's wakeup socketpair, written on every signal (it is the
+    ``signal.set_wakeup_fd``) and whenever a thread hands trio work; None if this trio
+    is not built that way (then the fast wait stays off)."""
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT
+
+        wakeup = GLOBAL_RUN_CONTEXT.runner.entry_queue.wakeup
+        read_fd, write_fd = wakeup.wakeup_sock.fileno(), wakeup.write_sock.fileno()
+    except (ImportError, AttributeError):
+        return None
+    current = signal.set_wakeup_fd(-1)  # only to read it: put back as trio set it
+    signal.set_wakeup_fd(current, warn_on_full_buffer=False)
+    return read_fd if current == write_fd else None
+
+
 def install(pyfuse3) -> bool:
     if os.environ.get(NO_FASTWAIT_ENV) == "1":
         return False
     original = getattr(pyfuse3, "_wait_fuse_readable", None)
     fd = fuse_fd()
-    if original is None or fd is None:
-        log.debug("fast wait not installed (pyfuse3 internals or fd not found)")
+    wake = _trio_wakeup_fd()
+    if original is None or fd is None or wake is None:
+        log.debug("fast wait not installed (pyfuse3 or trio internals or fd not found)")
         return False
-    wake = signal.set_wakeup_fd(-1)  # trio's; put back as trio set it
-    signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    if wake >= 0:
-        poller.register(wake, select.POLLIN)
+    poller.register(wake, select.POLLIN)
     count = 0
 
     async def _wait_fuse_readable():

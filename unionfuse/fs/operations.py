@@ -571,10 +571,13 @@ class UnionOperations(pyfuse3.Operations):
         except BaseException:
             if node.orphan != tmp:
                 copyup.remove_tree(tmp)
+            self._fp_sync(node)  # in_upper may be set already (a group's alias failed)
             raise
         log.debug("copied up %r (%d bytes)", src, st.st_size if data else 0)
-        self._reopen_handles(node)
-        self._fp_sync(node)
+        try:
+            self._reopen_handles(node)
+        finally:
+            self._fp_sync(node)  # the C fast path must not keep answering from the lower
 
     def _link_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """Hard-link a copied-up group's index file into the upper at one alias."""
@@ -598,7 +601,16 @@ class UnionOperations(pyfuse3.Operations):
         for h in list(node.handles):
             if isinstance(h, Handle) and not h.upper:
                 rw = isinstance(h, CachedFd)
-                fd = os.open(real, (os.O_RDWR if rw else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
+                flags = os.O_CLOEXEC | os.O_NOFOLLOW
+                try:
+                    fd = os.open(real, flags | (os.O_RDWR if rw else os.O_RDONLY))
+                except PermissionError:
+                    if not rw:
+                        raise
+                    # e.g. a 0444 file and a daemon without CAP_DAC_OVERRIDE: readable
+                    # now, opened for writing when a write comes (_file_fd)
+                    fd = os.open(real, flags | os.O_RDONLY)
+                    rw = False
                 os.dup2(fd, h.fd)
                 os.close(fd)
                 h.upper = True
