@@ -180,6 +180,19 @@ static void fp_del(uint64_t ino)
     }
 }
 
+/* Big copies run without the GIL (a copy-up thread may want it meanwhile); small ones
+ * are over before a switch would pay for itself. */
+#define FP_NOGIL_MIN 65536
+#define FP_NOGIL_IF(cond, stmt)                                                             \
+    do {                                                                                    \
+        if (cond) {                                                                         \
+            Py_BEGIN_ALLOW_THREADS stmt;                                                    \
+            Py_END_ALLOW_THREADS                                                            \
+        } else {                                                                            \
+            stmt;                                                                           \
+        }                                                                                   \
+    } while (0)
+
 /* the entry for a request on *ino* with *fi* (NULL: not ours), allowing *need* */
 static struct fp_ent *fp_for(fuse_ino_t ino, struct fuse_file_info *fi, unsigned int need)
 {
@@ -263,13 +276,7 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         buf.buf[0].fd = e->fd;
         buf.buf[0].pos = off;
         fp_stats[FPS_READ]++;
-        if (size >= 65536) {
-            Py_BEGIN_ALLOW_THREADS
-            fuse_reply_data(req, &buf, 0);
-            Py_END_ALLOW_THREADS
-        } else {
-            fuse_reply_data(req, &buf, 0);
-        }
+        FP_NOGIL_IF(size >= FP_NOGIL_MIN, fuse_reply_data(req, &buf, 0));
         return;
     }
     real_ops.read(req, ino, size, off, fi);
@@ -295,13 +302,7 @@ static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *b
         out.buf[0].fd = e->fd;
         out.buf[0].pos = off;
         fp_stats[FPS_WRITE]++;
-        if (size >= 65536) {
-            Py_BEGIN_ALLOW_THREADS
-            res = fuse_buf_copy(&out, bufv, 0);
-            Py_END_ALLOW_THREADS
-        } else {
-            res = fuse_buf_copy(&out, bufv, 0);
-        }
+        FP_NOGIL_IF(size >= FP_NOGIL_MIN, res = fuse_buf_copy(&out, bufv, 0));
         if (res < 0)
             fuse_reply_err(req, (int)-res);
         else

@@ -232,6 +232,7 @@ class UnionOperations(pyfuse3.Operations):
         # dir's real copy, oldest first, at most _dir_fd_max (see _dir_fp_add)
         self._dir_fds: dict[int, int] = {}
         self._dir_fd_max = max(16, self._fd_max // 4)
+        self._euid, self._egid = os.geteuid(), os.getegid()  # what new files get (_owner)
         self._next_fh = 1
         # bumped around every change to the upper tree: DirCache validity
         self.gen = 0
@@ -258,25 +259,22 @@ class UnionOperations(pyfuse3.Operations):
         loop = getattr(pyfuse3, "_session_loop", None)
         # fastwait: every wait goes through trio from now until the extra worker has
         # ended (it could otherwise be woken for a request the fast wait already took)
-        fastwait.busy()
-        if n is None or loop is None:
-            try:
-                return await trio.to_thread.run_sync(fn, *args)
-            finally:
-                fastwait.idle()
-
         async def extra():
             try:
                 await loop(n, 0, NO_SPAWN)
             finally:
                 fastwait.idle()
 
+        fastwait.busy()
+        started = False
         try:
-            n.start_soon(extra, name="pyfuse3-extra")
-        except BaseException:
-            fastwait.idle()
-            raise
-        return await trio.to_thread.run_sync(fn, *args)
+            if n is not None and loop is not None:
+                n.start_soon(extra, name="pyfuse3-extra")
+                started = True  # extra() says idle() when it ends
+            return await trio.to_thread.run_sync(fn, *args)
+        finally:
+            if not started:
+                fastwait.idle()
 
     # -- set-up helpers ---------------------------------------------------------------
 
@@ -705,11 +703,6 @@ class UnionOperations(pyfuse3.Operations):
         node.drop_handle(h)
         if self.fastpath is not None:
             self.fastpath.fp_clear(node.ino)
-            if h.upper:
-                try:  # times and sizes the C side set without us
-                    node.last_st = os.fstat(h.fd)
-                except OSError:
-                    pass
         os.close(h.fd)
         self._drop_orphan(node)
         self.table.maybe_drop(node)
@@ -881,12 +874,12 @@ class UnionOperations(pyfuse3.Operations):
         daemon's own ids (or a setgid parent's group) are already the right ones."""
         pst = os.lstat(parent_real)
         gid = ctx.gid
-        own_gid = os.getegid()
+        own_gid = self._egid
         if pst.st_mode & stat.S_ISGID:
             gid = own_gid = pst.st_gid
             if is_dir:
                 mode |= stat.S_ISGID
-        return ctx.uid, gid, mode, ctx.uid != os.geteuid() or gid != own_gid
+        return ctx.uid, gid, mode, ctx.uid != self._euid or gid != own_gid
 
     async def _create_entry(self, parent: Node, name: bytes, ctx, mode: int, *, rdev: int = 0,
                             target: bytes | None = None) -> tuple[Node, int | None]:
