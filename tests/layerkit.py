@@ -318,6 +318,11 @@ def write(p, data: bytes, flags: int = os.O_WRONLY, mode: int = 0o644, offset: i
         os.close(fd)
 
 
+def put(p, data: bytes) -> None:
+    """Create or truncate *p* and write *data*."""
+    write(p, data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+
+
 def listdir(p) -> list[str]:
     return sorted(os.listdir(p))
 

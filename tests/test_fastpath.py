@@ -20,21 +20,12 @@ import time
 import pytest
 
 from conftest import start_daemon
+from layerkit import put, read
 from unionfuse.mount import mount_entry
 
 CAPS = "security.capability"
 # a valid VFS_CAP_REVISION_2 value: cap_net_bind_service in the permitted set
 CAP_VALUE = struct.pack("<IIIII", 0x02000000, 1 << 10, 0, 0, 0)
-
-
-def write(p, data: bytes):
-    with open(p, "wb") as f:
-        f.write(data)
-
-
-def read(p) -> bytes:
-    with open(p, "rb") as f:
-        return f.read()
 
 
 def drop_page_cache():
@@ -54,8 +45,8 @@ def answered_in_c(d) -> dict | None:
 @pytest.fixture
 def lay(dirs):
     l2 = dirs["l2"]
-    write(l2 / "low", b"lower data\n")
-    write(l2 / "big", os.urandom(3 << 20))
+    put(l2 / "low", b"lower data\n")
+    put(l2 / "big", os.urandom(3 << 20))
     return dirs
 
 
@@ -146,9 +137,9 @@ def test_copied_up_file_is_written_through_its_new_fd(daemon, lay, mode):
 
 def test_unlinked_and_replaced_files_are_not_answered_from_the_table(daemon, lay, mode):
     mp = daemon.mountpoint
-    write(f"{mp}/gone", b"still here")
-    write(f"{mp}/victim", b"old")
-    write(f"{mp}/src", b"new")
+    put(f"{mp}/gone", b"still here")
+    put(f"{mp}/victim", b"old")
+    put(f"{mp}/src", b"new")
     with open(f"{mp}/gone", "r+b") as f, open(f"{mp}/victim", "rb") as v:
         os.unlink(f"{mp}/gone")
         assert os.fstat(f.fileno()).st_nlink == 0
@@ -168,7 +159,7 @@ def test_unlinked_and_replaced_files_are_not_answered_from_the_table(daemon, lay
 
 def test_hard_links_share_attrs(daemon, lay, mode):
     mp = daemon.mountpoint
-    write(f"{mp}/a", b"one")
+    put(f"{mp}/a", b"one")
     os.link(f"{mp}/a", f"{mp}/b")
     with open(f"{mp}/b", "ab") as f:
         f.write(b"two")
@@ -190,7 +181,7 @@ def test_hard_links_share_attrs(daemon, lay, mode):
 
 def test_file_capabilities_set_through_the_mount_are_seen(daemon, lay, mode):
     mp = daemon.mountpoint
-    write(f"{mp}/tool", b"#!/bin/sh\n")
+    put(f"{mp}/tool", b"#!/bin/sh\n")
     with pytest.raises(OSError) as e:
         os.getxattr(f"{mp}/tool", CAPS)
     assert e.value.errno == errno.ENODATA
@@ -231,7 +222,7 @@ def test_daemon_idle_in_fast_wait_stops_at_once_on_sigterm(lay, tmp_path):
     d = start_daemon(mp, [lay["l1"], lay["l2"]], lay["upper"], lay["work"], extra=("--debug",))
     try:
         for i in range(200):  # past the fast wait's turns back to trio
-            write(f"{mp}/f{i}", b"x")
+            put(f"{mp}/f{i}", b"x")
             os.stat(f"{mp}/f{i}")
         time.sleep(0.3)  # now idle, blocked in poll()
         t0 = time.monotonic()
@@ -253,7 +244,7 @@ def dir_attrs(st: os.stat_result):
 def test_directory_attrs_follow_changes(daemon, lay, mode):
     mp, up = daemon.mountpoint, lay["upper"]
     (lay["l2"] / "ld").mkdir()
-    write(lay["l2"] / "ld" / "x", b"x")
+    put(lay["l2"] / "ld" / "x", b"x")
     # upper-only dir: its own link count, following subdirs made and removed
     os.mkdir(f"{mp}/ud")
     for _ in range(3):  # the first GETATTR is Python's, the next ones may be C's
@@ -269,7 +260,7 @@ def test_directory_attrs_follow_changes(daemon, lay, mode):
     # a lower-only dir, then copied up by a create inside it: merged, nlink 1
     before = os.stat(f"{mp}/ld")
     assert os.stat(f"{mp}/ld").st_mtime_ns == before.st_mtime_ns
-    write(f"{mp}/ld/new", b"n")
+    put(f"{mp}/ld/new", b"n")
     for _ in range(3):
         st = os.stat(f"{mp}/ld")
         assert st.st_nlink == 1
@@ -293,6 +284,9 @@ def test_directory_attrs_follow_changes(daemon, lay, mode):
     os.rmdir(f"{mp}/ld")
     assert not os.path.exists(f"{mp}/ld")
     assert os.path.exists(lay["l2"] / "ld" / "x")  # lower never modified
+    daemon.stop()
+    if mode == "fast":  # no regular file was stat'ed: these were the directories'
+        assert answered_in_c(daemon)["getattr"] > 0, daemon.log_text()[-2000:]
 
 
 def test_unlinked_file_attrs_say_no_links(daemon, mode):
@@ -324,3 +318,13 @@ def test_reading_through_the_mount_leaves_the_lower_page_cache(daemon, lay, mode
     assert cached_bytes(big) == len(data)
     assert read(f"{daemon.mountpoint}/big") == data
     assert cached_bytes(big) == len(data)
+
+
+def test_table_flags_match_the_shim():
+    """operations.py and fs/_fuseshim.c spell the table's flags each in their own
+    language: the built module must agree with the Python side."""
+    from unionfuse.fs import _fuseshim, operations
+
+    for name in ("FP_READ", "FP_WRITE", "FP_ATTR", "FP_SETATTR", "FP_NOCAPS", "FP_NLINK0",
+                 "FP_NLINK1"):
+        assert getattr(_fuseshim, name) == getattr(operations, name), name

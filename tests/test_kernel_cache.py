@@ -15,25 +15,16 @@ import time
 import pytest
 
 from conftest import start_daemon
-
-
-def write(p, data: bytes):
-    with open(p, "wb") as f:
-        f.write(data)
-
-
-def read(p) -> bytes:
-    with open(p, "rb") as f:
-        return f.read()
+from layerkit import put, read
 
 
 @pytest.fixture
 def lay(dirs):
     l1, l2 = dirs["l1"], dirs["l2"]
-    write(l2 / "a", b"lower a\n")
+    put(l2 / "a", b"lower a\n")
     (l2 / "d").mkdir()
     for i in range(40):
-        write(l2 / "d" / f"f{i:02d}", b"file %d\n" % i)
+        put(l2 / "d" / f"f{i:02d}", b"file %d\n" % i)
     os.symlink("a", l2 / "link")
     return dirs
 
@@ -78,7 +69,7 @@ def test_cached_listing_follows_changes(mnt):
     m = mnt.mountpoint
     assert sorted(os.listdir(m)) == ["a", "d", "link"]
     assert sorted(os.listdir(m)) == ["a", "d", "link"]  # second one from the kernel's cache
-    write(f"{m}/new", b"n")
+    put(f"{m}/new", b"n")
     assert sorted(os.listdir(m)) == ["a", "d", "link", "new"]
     os.rename(f"{m}/new", f"{m}/d/moved")
     assert "new" not in os.listdir(m) and "moved" in os.listdir(f"{m}/d")
@@ -118,7 +109,7 @@ def test_private_inode_numbers_are_not_mistaken(lay, tmp_path):
     up, work = shm / "upper", shm / "work"
     up.mkdir()
     work.mkdir()
-    write(up / "secret", b"upper secret")
+    put(up / "secret", b"upper secret")
     mp = tmp_path / "m"
     mp.mkdir()
     d = start_daemon(mp, [lay["l2"]], up, work)
@@ -154,7 +145,7 @@ def test_daemon_without_dac_override_opens_files_itself(lay, tmp_path):
     mp, d = own_daemon(lay, tmp_path, extra=("--debug",),
                        prefix=("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"))
     try:
-        write(f"{mp}/u1", b"upper one\n")
+        put(f"{mp}/u1", b"upper one\n")
         fd = os.open(f"{mp}/u1", os.O_RDWR)
         os.fchmod(fd, 0o444)
         os.pwrite(fd, b"WRITTEN", 0)
@@ -185,7 +176,7 @@ def test_page_cache_follows_writes_from_other_opens(mnt):
     with open(f"{m}/a", "r+b") as f:
         f.write(b"LOWER")
     assert read(f"{m}/a") == b"LOWER a\n"
-    write(f"{m}/a", b"short")  # O_TRUNC: reaches the daemon as a truncate
+    put(f"{m}/a", b"short")  # O_TRUNC: reaches the daemon as a truncate
     assert read(f"{m}/a") == b"short"
     fd = os.open(f"{m}/d/f01", os.O_WRONLY | os.O_TRUNC)
     os.close(fd)
@@ -207,7 +198,7 @@ def test_open_trunc_of_lower_file_copies_no_data(mnt, lay):
 
 def test_unlinked_open_upper_file_stays_readable_and_writable(mnt, lay):
     m = mnt.mountpoint
-    write(f"{m}/up", b"upper data")
+    put(f"{m}/up", b"upper data")
     f = open(f"{m}/up", "r+b")  # no request reaches the daemon for this open
     os.unlink(f"{m}/up")
     assert not (lay["upper"] / "up").exists()
@@ -235,16 +226,16 @@ def test_unlinking_a_read_lower_file_copies_nothing(mnt):
 
 def test_file_replaced_by_rename_stays_readable_through_open_fd(mnt, lay):
     m = mnt.mountpoint
-    write(f"{m}/target", b"old contents")
+    put(f"{m}/target", b"old contents")
     fd = os.open(f"{m}/target", os.O_RDONLY)
-    write(f"{m}/tmp", b"new contents")
+    put(f"{m}/tmp", b"new contents")
     os.rename(f"{m}/tmp", f"{m}/target")
     assert os.pread(fd, 100, 0) == b"old contents"
     os.close(fd)
     assert read(f"{m}/target") == b"new contents"
     # a lower file replaced while open, then written through the old fd
     fd = os.open(f"{m}/d/f03", os.O_RDWR)
-    write(f"{m}/tmp", b"replacement")
+    put(f"{m}/tmp", b"replacement")
     os.rename(f"{m}/tmp", f"{m}/d/f03")
     os.pwrite(fd, b"F", 0)
     os.fsync(fd)
