@@ -25,8 +25,9 @@ PYEXE=$("$PY" -c 'import sys; print(sys.executable)')
 # fuse3: fusermount3, mount.fuse3, /etc/fuse.conf   libfuse3-dev + pkg-config + gcc: build pyfuse3
 # crun, runc: OCI runtimes (runner)   fuse-overlayfs: peer for comparisons
 # busybox-static: tiny rootfs for tests   attr: getfattr/setfattr   systemd: systemd-analyze
+# util-linux-extra: fincore (tests: what of a file is in the page cache)
 pkgs=(fuse3 libfuse3-dev pkg-config gcc crun runc fuse-overlayfs busybox-static attr systemd
-      debootstrap zstd apache2-utils)
+      debootstrap zstd apache2-utils util-linux-extra)
 # Peers for the interop tests and benchmarks, installed with their recommended packages
 # (podman needs conmon, catatonit, ...): skopeo umoci podman docker-registry.
 peer_pkgs=(skopeo umoci podman docker-registry)
