@@ -327,7 +327,7 @@ def serve(spec: MountSpec) -> int:
             ops.worker_nursery = nursery
             if fastwait.install(pyfuse3):
                 log.debug("fast wait for requests installed")
-            if shim is not None and shim.fp_enable(ops.timeout):
+            if shim is not None and shim.fp_enable(ops.timeout, ops.readdir_plain):
                 ops.fastpath = shim
                 log.debug("C fast path on")
             _tune_gc()

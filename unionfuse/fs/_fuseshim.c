@@ -33,7 +33,11 @@
  *    O_PATH fd; nlink forced to 0 for an unlinked file, 1 for a merged dir), SETATTR
  *    by ftruncate/fchown/fchmod/futimens (an upper file), GETXATTR "security.capability" for a
  *    file known to have none (the kernel asks before every write), and RELEASE of a
- *    file the daemon never opened (fh 0).  Anything else, and any inode not in the
+ *    file the daemon never opened (fh 0).  And plain READDIR: the daemon passes a
+ *    callable to fp_enable(), and the kernel is let send READDIR instead of READDIRPLUS
+ *    (FUSE_CAP_READDIRPLUS_AUTO, libfuse's default that pyfuse3 turns off) for a
+ *    listing nobody stats as it goes; the callable answers with ready-made fuse_dirent
+ *    records, so such a listing creates no inode per name.  Anything else, and any inode not in the
  *    table, goes to pyfuse3 as before.  The table belongs to the daemon's one trio
  *    thread: it is only read here, inside fuse_session_process_buf() called from
  *    that thread, and only written by the daemon from that thread; the daemon clears
@@ -82,6 +86,8 @@ static int opendir_wrapped, open_wrapped; /* our wrappers are in the table */
 static int open_enosys_sent;         /* we answered ENOSYS to an OPEN */
 static int fastpath_wrapped;         /* getattr/getxattr wrappers are in the table */
 static int splice_write_on;          /* FUSE_CAP_SPLICE_WRITE granted */
+static PyObject *rd_cb;              /* the daemon's plain-READDIR answerer (fp_enable) */
+static int rd_plain_on;              /* FUSE_CAP_READDIRPLUS_AUTO wanted and granted */
 
 /* -- fast-path table: ino -> (fd, flags), open addressing, ino 0 = empty ---------- */
 
@@ -92,9 +98,10 @@ struct fp_ent {
 };
 
 #define FP_TOMB UINT64_MAX
-enum { FPS_READ, FPS_WRITE, FPS_GETATTR, FPS_SETATTR, FPS_GETXATTR, FPS_RELEASE, FPS_N };
+enum { FPS_READ, FPS_WRITE, FPS_GETATTR, FPS_SETATTR, FPS_GETXATTR, FPS_RELEASE, FPS_READDIR,
+       FPS_N };
 static const char *const fp_stat_names[FPS_N] = {"read", "write", "getattr", "setattr",
-                                                 "getxattr", "release"};
+                                                 "getxattr", "release", "readdir"};
 static unsigned long long fp_stats[FPS_N];
 static struct fp_ent *fp_tab;
 static size_t fp_cap;  /* power of two, or 0 */
@@ -230,9 +237,15 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
         conn->want |= FUSE_CAP_SPLICE_WRITE;
         splice_write_on = 1;
     }
+    /* Plain READDIR for listings (see shim_readdir).  pyfuse3's init turns the flag
+     * off (it has no READDIR handler), so it is set again after that. */
+    rd_plain_on = fp_on && rd_cb && opendir_wrapped && (conn->capable & FUSE_CAP_READDIRPLUS) &&
+                  (conn->capable & FUSE_CAP_READDIRPLUS_AUTO);
     /* last: pyfuse3's handler calls Operations.init(), which may read status() */
     if (real_ops.init)
         real_ops.init(userdata, conn);
+    if (rd_plain_on)
+        conn->want |= FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO;
 }
 
 static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -416,11 +429,39 @@ static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
     real_ops.getxattr(req, ino, name, size);
 }
 
+/* Plain READDIR: the kernel asks for it (with READDIRPLUS_AUTO) when nothing looked up
+ * a name of the directory since its last READDIRPLUS.  The daemon's callable returns
+ * whole fuse_dirent records (at most *size* bytes; empty at the end) or an errno. */
 static void shim_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                          struct fuse_file_info *fi)
 {
     tag_fh(ino, fi);
-    real_ops.readdir(req, ino, size, off, fi);
+    if (rd_plain_on && rd_cb) {
+        PyObject *r = PyObject_CallFunction(rd_cb, "KnL", (unsigned long long)ino,
+                                            (Py_ssize_t)size, (long long)off);
+        if (!r) {
+            PyErr_WriteUnraisable(rd_cb);
+            fuse_reply_err(req, EIO);
+            return;
+        }
+        if (PyBytes_Check(r) && (size_t)PyBytes_GET_SIZE(r) <= size) {
+            fp_stats[FPS_READDIR]++;
+            fuse_reply_buf(req, PyBytes_AS_STRING(r), (size_t)PyBytes_GET_SIZE(r));
+        } else {
+            long err = PyLong_Check(r) ? PyLong_AsLong(r) : 0;
+            if (err <= 0 || err > 4095) {
+                PyErr_Clear();
+                err = EIO;
+            }
+            fuse_reply_err(req, (int)err);
+        }
+        Py_DECREF(r);
+        return;
+    }
+    if (real_ops.readdir)
+        real_ops.readdir(req, ino, size, off, fi);
+    else
+        fuse_reply_err(req, ENOSYS);
 }
 
 static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -466,8 +507,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
             (real_ops.readdir || real_ops.readdirplus)) {
             our_ops.opendir = shim_opendir;
             opendir_wrapped = 1;
-            if (real_ops.readdir)
-                our_ops.readdir = shim_readdir;
+            our_ops.readdir = shim_readdir; /* pyfuse3 has none: see shim_readdir */
             if (real_ops.readdirplus)
                 our_ops.readdirplus = shim_readdirplus;
             if (real_ops.fsyncdir)
@@ -514,8 +554,9 @@ static PyObject *py_configure(PyObject *self, PyObject *args)
 
 static PyObject *py_status(PyObject *self, PyObject *noargs)
 {
-    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
+    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
                          "fastpath", fp_on ? Py_True : Py_False,
+                         "readdir_plain", rd_plain_on ? Py_True : Py_False,
                          "splice_write", splice_write_on ? Py_True : Py_False,
                          "interposed", interposed ? Py_True : Py_False,
                          "no_opendir", kernel_no_opendir ? Py_True : Py_False,
@@ -528,10 +569,21 @@ static PyObject *py_status(PyObject *self, PyObject *noargs)
 static PyObject *py_fp_enable(PyObject *self, PyObject *args)
 {
     double timeout;
-    if (!PyArg_ParseTuple(args, "d", &timeout))
+    PyObject *cb = Py_None;
+    if (!PyArg_ParseTuple(args, "d|O", &timeout, &cb))
         return NULL;
+    if (cb != Py_None && !PyCallable_Check(cb)) {
+        PyErr_SetString(PyExc_TypeError, "readdir answerer must be callable");
+        return NULL;
+    }
     if (!fastpath_wrapped)
         Py_RETURN_FALSE;
+    Py_XDECREF(rd_cb);
+    rd_cb = NULL;
+    if (cb != Py_None) {
+        Py_INCREF(cb);
+        rd_cb = cb;
+    }
     fp_timeout = timeout;
     fp_on = 1;
     Py_RETURN_TRUE;
@@ -603,7 +655,9 @@ static PyObject *py_fp_stats(PyObject *self, PyObject *noargs)
 
 static PyMethodDef methods[] = {
     {"fp_enable", py_fp_enable, METH_VARARGS,
-     "fp_enable(attr_timeout) -> bool: answer table hits in C from now on"},
+     "fp_enable(attr_timeout, readdir=None) -> bool: answer table hits in C from now on;\n"
+     "readdir(ino, size, off) -> bytes of fuse_dirent records, or an errno, answers plain\n"
+     "READDIR (asked for at INIT only if given before it)"},
     {"fp_set", py_fp_set, METH_VARARGS, "fp_set(ino, fd, flags): flags 0 removes the entry"},
     {"fp_clear", py_fp_clear, METH_VARARGS, "fp_clear(ino)"},
     {"fp_get", py_fp_get, METH_VARARGS, "fp_get(ino) -> (fd, flags) or None"},

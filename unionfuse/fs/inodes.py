@@ -22,6 +22,9 @@ from .union import join
 
 ROOT_INODE = 1
 _PRIVATE_BASE = 1 << 62
+# private numbers promised to listed objects not yet looked up (layers on another
+# filesystem than the upper), at most this many
+PROMISE_MAX = 100_000
 
 
 class Node:
@@ -106,6 +109,9 @@ class InodeTable:
         self.by_key: dict[tuple[int, int], Node] = {}
         self.upper_dev = upper_dev
         self._private = itertools.count(_PRIVATE_BASE)
+        # key -> private number already shown (as a listing's d_ino) for an object not
+        # in the table: new() gives it that number (see predict)
+        self._promised: dict[tuple[int, int], int] = {}
 
     def __getitem__(self, ino: int) -> Node:
         return self.by_ino[ino]
@@ -126,9 +132,30 @@ class InodeTable:
             return None
         return node
 
+    def predict(self, key) -> int:
+        """The number the object with *key* has, or will get from new(): a plain
+        listing (no lookup) shows it as d_ino, and stat must agree with it later."""
+        node = self.by_key.get(key)
+        if node is not None and not node.deleted:
+            return node.ino
+        ino = self._promised.get(key)
+        if ino is not None:
+            return ino
+        dev, ino = key
+        if dev == self.upper_dev and ROOT_INODE < ino < _PRIVATE_BASE and ino not in self.by_ino:
+            return ino  # new() gives the real number while nothing else holds it
+        ino = next(self._private)
+        if len(self._promised) >= PROMISE_MAX:
+            del self._promised[next(iter(self._promised))]  # oldest: may show a new number
+        self._promised[key] = ino
+        return ino
+
     def new(self, key, is_dir: bool) -> Node:
         dev, ino = key
-        if dev != self.upper_dev or ino in self.by_ino or ino <= ROOT_INODE or ino >= _PRIVATE_BASE:
+        promised = self._promised.pop(key, None) if self._promised else None
+        if promised is not None:
+            ino = promised
+        elif dev != self.upper_dev or ino in self.by_ino or ino <= ROOT_INODE or ino >= _PRIVATE_BASE:
             ino = next(self._private)
         node = Node(ino, key, is_dir)
         self.by_ino[ino] = node

@@ -18,6 +18,8 @@ import stat
 import sys
 import weakref
 
+import struct
+
 import pyfuse3
 import trio
 
@@ -54,6 +56,10 @@ FP_READ, FP_WRITE, FP_ATTR, FP_SETATTR, FP_NOCAPS = 1, 2, 4, 8, 16
 FP_NLINK0, FP_NLINK1 = 32, 64  # GETATTR answers nlink 0 (unlinked) / 1 (merged dir)
 INO_TAG = 1 << 63  # above every inode number (inodes.py: private ones start at 1 << 62)
 INO_MASK = INO_TAG - 1
+
+# struct fuse_dirent (linux/fuse.h): ino, off (where the next read resumes), namelen, type
+_DIRENT = struct.Struct("<QQII")
+_DT_DIR, _DT_REG, _DT_LNK = 4, 8, 10
 
 
 FD_CACHE_ENV = "UNIONFUSE_FD_CACHE_MAX"
@@ -110,7 +116,7 @@ class DirCache:
     """A merged dir's listing and resolved entries, valid while no change was made
     through the mount since it was built (``gen``: UnionOperations.gen at the time)."""
 
-    __slots__ = ("gen", "names", "ents", "keys")
+    __slots__ = ("gen", "names", "ents", "keys", "plain")
 
     def __init__(self, gen: int, names: list[bytes]):
         self.gen = gen
@@ -121,6 +127,9 @@ class DirCache:
         self.names = [n for _, n in keyed]
         # name -> weak ref to the child's node (None: the name resolved to nothing)
         self.ents: dict[bytes, weakref.ref | None] = {}
+        # plain READDIR answer, built on first use (_plain_listing): (fuse_dirent records
+        # in key order, where each starts (one more at the end), their keys)
+        self.plain: tuple[bytes, list[int], list[int]] | None = None
 
 
 def _dir_key(name: bytes) -> int:
@@ -953,7 +962,8 @@ class UnionOperations(pyfuse3.Operations):
         shim = sys.modules.get("unionfuse.fs._fuseshim")
         st = shim.status() if shim is not None else {}
         self.no_open = bool(st.get("no_open"))
-        on = [k for k in ("no_opendir", "no_open", "cache_symlinks", "splice_write")
+        on = [k for k in ("no_opendir", "no_open", "cache_symlinks", "splice_write",
+                          "readdir_plain")
               if st.get(k)]
         log.info("kernel caching: attrs, entries, data%s%s", ", " if on else "", ", ".join(on))
 
@@ -1457,6 +1467,112 @@ class UnionOperations(pyfuse3.Operations):
                 self.table.maybe_drop(child)
                 return
             child.lookups += 1
+
+    def readdir_plain(self, ino: int, size: int, off: int) -> bytes | int:
+        """Plain READDIR (fs/_fuseshim.c calls this, outside pyfuse3): up to *size*
+        bytes of fuse_dirent records after offset *off*, or an errno.  The kernel asks
+        for it instead of READDIRPLUS while nobody looks up the names it lists, so a
+        big listing makes no node per name; each d_ino is the number stat will show."""
+        try:
+            node = self.table.get(ino)
+            if node is None:
+                return errno.ENOENT
+            if not node.is_dir:
+                return errno.ENOTDIR
+            ppath = node.path()
+            if ppath is None:
+                return b""
+            dc = self._merged(node)
+            plain = dc.plain
+            if plain is None:
+                plain = dc.plain = self._plain_listing(node, ppath, dc)
+            buf, pos, keys = plain
+            i = bisect.bisect_right(keys, off) if off else 0
+            j = bisect.bisect_right(pos, pos[i] + size, i) - 1  # whole records only
+            return buf[pos[i] : pos[j]]
+        except OSError as e:
+            return e.errno or errno.EIO
+        except Exception:
+            log.exception("readdir_plain(%d)", ino)
+            return errno.EIO
+
+    def _plain_listing(self, node: Node, ppath: bytes, dc: DirCache):
+        """fuse_dirent records for a merged dir's names (see readdir_plain).  Each name's
+        identity is what lookup would find: a node still in the table, else the top-most
+        real entry (its origin, once copied up), read from one scan of each layer."""
+        want: dict[bytes, tuple[int, int] | None] = {}  # name -> (d_ino, d_type)
+        by_ino = self.table.by_ino
+        missing = 0
+        for name in dc.names:
+            ref = dc.ents.get(name, 0)
+            if ref is None:
+                continue  # resolved to nothing
+            child = ref() if ref else None
+            if child is not None and not child.deleted and by_ino.get(child.ino) is child:
+                st = child.attrs or child.last_st
+                if st is not None:
+                    want[name] = (child.ino, stat.S_IFMT(st.st_mode) >> 12)
+                    continue
+            want[name] = None
+            missing += 1
+        dirs = []
+        if node.in_upper:
+            dirs.append((True, self._up(ppath)))
+        dirs.extend((False, self.layers.real(i, r)) for i, r in node.lowers)
+        predict = self.table.predict
+        for upper, real in dirs:
+            if not missing:
+                break
+            try:
+                dev = os.stat(real).st_dev
+                it = os.scandir(real)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with it:
+                for e in it:
+                    name = e.name
+                    if want.get(name, 0) is not None:
+                        continue  # not listed, or known already
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            dt = _DT_DIR
+                        elif e.is_file(follow_symlinks=False):
+                            dt = _DT_REG
+                        elif e.is_symlink():
+                            dt = _DT_LNK
+                        else:
+                            st = e.stat(follow_symlinks=False)
+                            if is_whiteout_stat(st):
+                                continue  # hides lower ones: the name is not from here
+                            dt = stat.S_IFMT(st.st_mode) >> 12
+                    except FileNotFoundError:
+                        continue
+                    key = (dev, e.inode())
+                    if upper:
+                        origin = self._origin(os.path.join(real, name))
+                        if origin is not None:
+                            key = origin[0]
+                    want[name] = (predict(key), dt)
+                    missing -= 1
+        parts = []
+        pos = [0]
+        keys = []
+        n = 0
+        pack = _DIRENT.pack
+        for key, name in zip(dc.keys, dc.names):
+            v = want.get(name)
+            if v is None:
+                continue  # resolved to nothing, or gone meanwhile
+            ln = len(name)
+            rec = pack(v[0], key, ln, v[1]) + name
+            pad = -(24 + ln) & 7
+            if pad:
+                rec += b"\0" * pad
+            parts.append(rec)
+            n += len(rec)
+            pos.append(n)
+            keys.append(key)
+        return b"".join(parts), pos, keys
 
     async def releasedir(self, fh):
         self.handles.pop(fh, None)

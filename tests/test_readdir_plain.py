@@ -1,0 +1,258 @@
+"""Plain READDIR (fs/_fuseshim.c + UnionOperations.readdir_plain): a listing nobody
+stats as it goes is answered from ready-made fuse_dirent records, without a node per
+name.  What it shows must be what lookups show: the same names, each d_type the type
+lstat finds and each d_ino the st_ino lstat finds, whichever layer the name comes from,
+before and after copy-up, across a remount, and with layers on another filesystem.
+
+Mount tests run with the fast path (plain READDIR on) and with UNIONFUSE_NO_FASTPATH=1
+(READDIRPLUS only), held to the same results."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import subprocess
+
+import pytest
+
+from conftest import start_daemon
+from layerkit import put
+from test_fastpath import answered_in_c
+from unionfuse.fs.inodes import _PRIVATE_BASE, InodeTable
+from unionfuse.fs.operations import UnionOperations
+from unionfuse.mount import mount_entry
+
+LONG = "x" * 40  # long names: a listing of ~1,500 of them spans several READDIR replies
+
+
+@pytest.fixture(params=["fast", "python"])
+def mode(request, monkeypatch):
+    if request.param == "python":
+        monkeypatch.setenv("UNIONFUSE_NO_FASTPATH", "1")
+    return request.param
+
+
+def make_layers(l1, l2, n=1500):
+    d2 = l2 / "d"
+    d2.mkdir()
+    for i in range(n):
+        put(d2 / f"f{i:05d}{LONG}", b"%d" % i)
+    os.symlink("f00000" + LONG, d2 / "sl")
+    os.mkfifo(d2 / "ff")
+    (d2 / "sub").mkdir()
+    put(d2 / "sub" / "in2", b"2")
+    put(d2 / "hl_a", b"hard")
+    os.link(d2 / "hl_a", d2 / "hl_b")
+    put(d2 / "gone", b"g")
+    put(d2 / "shadow", b"low")
+    d1 = l1 / "d"
+    d1.mkdir()
+    put(d1 / "shadow", b"high")
+    put(d1 / ".wh.gone", b"")  # OCI whiteout of l2's gone
+    (d1 / "sub").mkdir()  # merged with l2's sub
+    put(d1 / "sub" / "in1", b"1")
+    put(d1 / "l1only", b"1")
+
+
+def change_through(mp, n=1500):
+    d = f"{mp}/d"
+    put(f"{d}/new1", b"new")  # upper only
+    with open(f"{d}/f00005{LONG}", "ab") as f:  # copied up: origin xattr
+        f.write(b"+")
+    os.rename(f"{d}/f00006{LONG}", f"{d}/renamed")  # copied up under another name
+    os.unlink(f"{d}/f00007{LONG}")  # whiteout
+    os.mkdir(f"{d}/newdir")
+    os.link(f"{d}/hl_a", f"{d}/hl_c")  # the hard-link group copied up
+    os.chmod(f"{d}/sub", 0o711)  # merged dir copied up
+    expected = {f"f{i:05d}{LONG}" for i in range(n)} - {f"f00006{LONG}", f"f00007{LONG}"}
+    return expected | {"sl", "ff", "sub", "hl_a", "hl_b", "hl_c", "shadow", "l1only", "new1",
+                       "renamed", "newdir"}
+
+
+def dtype_ok(e: os.DirEntry, st: os.stat_result) -> bool:
+    if stat.S_ISLNK(st.st_mode):
+        return e.is_symlink()
+    if stat.S_ISDIR(st.st_mode):
+        return e.is_dir(follow_symlinks=False)
+    if stat.S_ISREG(st.st_mode):
+        return e.is_file(follow_symlinks=False)
+    return not (e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False) or e.is_symlink())
+
+
+def check_listing(path, expected):
+    """List without a stat in between (so the kernel may ask plain READDIR), then check
+    every entry against lstat."""
+    with os.scandir(path) as it:
+        ents = list(it)
+    names = [e.name for e in ents]
+    assert len(names) == len(set(names)), "a name listed twice"
+    assert set(names) == expected
+    bad = []
+    for e in ents:
+        st = os.lstat(e.path)
+        if e.inode() != st.st_ino or not dtype_ok(e, st):
+            bad.append((e.name, e.inode(), st.st_ino, oct(st.st_mode)))
+    assert not bad, bad[:5]
+    # the hard links are one inode, in the listing as in stat
+    by = {e.name: e.inode() for e in ents}
+    assert by["hl_a"] == by["hl_b"] == by["hl_c"]
+
+
+def test_listing_agrees_with_lstat(dirs, mode, tmp_path):
+    make_layers(dirs["l1"], dirs["l2"])
+    mp = tmp_path / "m"
+    mp.mkdir()
+    lowers = [dirs["l1"], dirs["l2"]]
+    d = start_daemon(mp, lowers, dirs["upper"], dirs["work"], extra=("--debug",))
+    try:
+        expected = change_through(mp)
+        check_listing(f"{mp}/d", expected)
+        check_listing(f"{mp}/d", expected)  # again: from the kernel's cache
+        put(f"{mp}/d/later", b"l")  # the dir changed: listed through the daemon again
+        check_listing(f"{mp}/d", expected | {"later"})
+    finally:
+        d.stop()
+    if mode == "fast":
+        assert "readdir_plain" in d.log_text()
+        assert answered_in_c(d)["readdir"] > 0, d.log_text()[-2000:]
+    # a fresh daemon over the same upper: nothing in its table yet, so each d_ino comes
+    # from the layers (the origin record of the copied-up ones)
+    d = start_daemon(mp, lowers, dirs["upper"], dirs["work"], extra=("--debug",))
+    try:
+        check_listing(f"{mp}/d", expected | {"later"})
+    finally:
+        d.stop()
+
+
+def test_listing_while_the_dir_changes(dirs, mode, tmp_path):
+    l2 = dirs["l2"] / "big"
+    l2.mkdir()
+    names = {f"n{i:05d}{LONG}" for i in range(3000)}
+    for n in names:
+        put(l2 / n, b"")
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [dirs["l2"]], dirs["upper"], dirs["work"])
+    try:
+        seen = []
+        with os.scandir(f"{mp}/big") as it:
+            for i, e in enumerate(it):
+                seen.append(e.name)
+                if i == 100:
+                    put(f"{mp}/big/zz_added", b"")
+                    victim = sorted(names - set(seen))[0]
+                    os.unlink(f"{mp}/big/{victim}")
+                    os.mkdir(f"{mp}/other")  # a change elsewhere in the mount too
+        assert len(seen) == len(set(seen)), "a name listed twice"
+        # names there throughout come exactly once; the two changed may or may not
+        assert names - {victim} <= set(seen)
+        assert set(seen) <= names | {"zz_added"}
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    p = tmp_path / "tfs"
+    p.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(p)], check=True)
+    yield p
+    if mount_entry(str(p)) is not None:
+        subprocess.run(["umount", "-l", str(p)], check=True)
+
+
+def test_layers_on_another_filesystem(dirs, mode, tmp_path, tmpfs):
+    """Layers off the upper's filesystem get private inode numbers: a listing shows the
+    number that a later lookup gives (promised before the node exists)."""
+    l1, l2 = tmpfs / "l1", tmpfs / "l2"
+    l1.mkdir()
+    l2.mkdir()
+    make_layers(l1, l2, n=800)
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [l1, l2], dirs["upper"], dirs["work"])
+    try:
+        expected = change_through(mp, n=800)
+        check_listing(f"{mp}/d", expected)
+        with os.scandir(f"{mp}/d") as it:
+            assert all(e.inode() >= _PRIVATE_BASE for e in it if e.name.startswith("f0001"))
+    finally:
+        d.stop()
+
+
+# -- no mount: the records and the numbers ---------------------------------------------
+
+DIRENT = struct.Struct("<QQII")
+
+
+def parse(buf: bytes):
+    out, i = [], 0
+    while i < len(buf):
+        ino, off, ln, typ = DIRENT.unpack_from(buf, i)
+        name = buf[i + 24 : i + 24 + ln]
+        out.append((name, ino, off, typ))
+        i += (24 + ln + 7) & ~7
+        assert i <= len(buf)
+    return out
+
+
+def test_records_resume_and_fit(dirs):
+    make_layers(dirs["l1"], dirs["l2"], n=300)
+    ops = UnionOperations([bytes(dirs["l1"]), bytes(dirs["l2"])], bytes(dirs["upper"]),
+                          bytes(dirs["work"]))
+    d = ops.table.by_ino[1]
+    # the dir node, as a lookup would make it
+    ppath, ent = ops._resolve(d, b"d")
+    node = ops._node_for(d, ppath, b"d", ent)
+    whole = ops.readdir_plain(node.ino, 1 << 20, 0)
+    recs = parse(whole)
+    names = {r[0] for r in recs}
+    assert len(recs) == len(names) == 300 + 7  # f*, sl, ff, sub, hl_a, hl_b, shadow, l1only
+    assert b"gone" not in names and not any(n.startswith(b".wh.") for n in names)
+    offs = [r[2] for r in recs]
+    assert offs == sorted(offs) and len(set(offs)) == len(offs) and offs[0] > 0
+    types = {r[0]: r[3] for r in recs}
+    assert types[b"sl"] == 10 and types[b"ff"] == 1 and types[b"sub"] == 4
+    assert types[b"shadow"] == 8
+    inos = {r[0]: r[1] for r in recs}
+    assert inos[b"shadow"] == os.lstat(dirs["l1"] / "d" / "shadow").st_ino
+    assert inos[b"hl_a"] == inos[b"hl_b"]
+    # read in small replies, each resuming where the last ended: the same records,
+    # whole ones only, none over the size
+    for size in (100, 333, 4096):
+        got, off = [], 0
+        while True:
+            buf = ops.readdir_plain(node.ino, size, off)
+            assert len(buf) <= size
+            if not buf:
+                break
+            part = parse(buf)
+            got += part
+            off = part[-1][2]
+        assert got == recs
+    # resuming after any record gives exactly the rest
+    for k in (0, 1, 150, len(recs) - 1):
+        assert parse(ops.readdir_plain(node.ino, 1 << 20, recs[k][2])) == recs[k + 1 :]
+    # errors are errnos
+    assert ops.readdir_plain(12345678, 4096, 0) == 2  # ENOENT
+    assert ops.readdir_plain(1, 4096, 0) != b""
+
+
+def test_predicted_numbers_are_the_ones_given(tmp_path):
+    t = InodeTable(upper_dev=7)
+    assert t.predict((7, 500)) == 500  # the real number, while free
+    assert t.new((7, 500), False).ino == 500
+    other = t.predict((9, 500))  # another filesystem: a private number, kept for it
+    assert other >= _PRIVATE_BASE
+    assert t.predict((9, 500)) == other
+    assert t.new((9, 500), False).ino == other
+    assert t.predict((9, 500)) == other  # now from the table
+    # a real number still held by a deleted node (open, unlinked; its inode number
+    # reused by a new file): a private number, promised
+    old = t.new((7, 600), False)
+    old.lookups = 1
+    t.mark_deleted(old)
+    assert t.by_ino[600] is old
+    p = t.predict((7, 600))
+    assert p >= _PRIVATE_BASE and t.new((7, 600), True).ino == p
