@@ -216,7 +216,10 @@ def test_read_only_mount_refuses_writes_and_setattr(lay, tmp_path, mode):
         d.stop()
 
 
-def test_daemon_idle_in_fast_wait_stops_at_once_on_sigterm(lay, tmp_path):
+@pytest.mark.parametrize("last", ["python", "c"])
+def test_daemon_idle_in_fast_wait_stops_at_once_on_sigterm(lay, tmp_path, last):
+    """Idle after a request Python answered (waiting in fs/fastwait.py) or one C
+    answered (waiting in the shim's C serve loop): a signal ends either wait."""
     mp = tmp_path / "m"
     mp.mkdir()
     d = start_daemon(mp, [lay["l1"], lay["l2"]], lay["upper"], lay["work"], extra=("--debug",))
@@ -224,6 +227,11 @@ def test_daemon_idle_in_fast_wait_stops_at_once_on_sigterm(lay, tmp_path):
         for i in range(200):  # past the fast wait's turns back to trio
             put(f"{mp}/f{i}", b"x")
             os.stat(f"{mp}/f{i}")
+        if last == "python":
+            os.mkdir(f"{mp}/made")
+        else:
+            drop_page_cache()
+            assert read(f"{mp}/big")[:1]  # READs, answered in C
         time.sleep(0.3)  # now idle, blocked in poll()
         t0 = time.monotonic()
         os.kill(d.pid, signal.SIGTERM)
@@ -234,7 +242,12 @@ def test_daemon_idle_in_fast_wait_stops_at_once_on_sigterm(lay, tmp_path):
     assert rc == 0, d.log_text()[-2000:]
     assert took < 0.5, took  # not the fast wait's 1 s idle timeout
     assert "fast wait for requests installed" in d.log_text()
+    assert "C serve loop on" in d.log_text()
     assert mount_entry(str(mp)) is None
+    stats = answered_in_c(d)
+    assert stats["in_loop"] > 0, stats
+    if last == "c":
+        assert stats["read"] > 0, stats
 
 
 def dir_attrs(st: os.stat_result):
@@ -326,5 +339,62 @@ def test_table_flags_match_the_shim():
     from unionfuse.fs import _fuseshim, operations
 
     for name in ("FP_READ", "FP_WRITE", "FP_ATTR", "FP_SETATTR", "FP_NOCAPS", "FP_NLINK0",
-                 "FP_NLINK1"):
+                 "FP_NLINK1", "FP_UPPERONLY"):
         assert getattr(_fuseshim, name) == getattr(operations, name), name
+
+
+def test_lookups_in_dirs_with_and_without_lower_layers(lay, mode, tmp_path):
+    """A dir with no lower layer answers a missing name in C; a merged dir never does
+    (its lower names, whiteouts and opaque flag are the daemon's to resolve)."""
+    (lay["l2"] / "ld").mkdir()
+    put(lay["l2"] / "ld" / "lower_name", b"l")
+    (lay["l2"] / "od").mkdir()
+    put(lay["l2"] / "od" / "hidden", b"h")
+    mp, up = tmp_path / "m", lay["upper"]
+    mp.mkdir()
+    daemon = start_daemon(mp, [lay["l1"], lay["l2"]], up, lay["work"], extra=("--debug",))
+    try:
+        lookups_with_and_without_lowers(mp, up)
+    finally:
+        daemon.stop()
+    if mode == "fast":
+        assert answered_in_c(daemon)["lookup"] > 0, daemon.log_text()[-2000:]
+
+
+def lookups_with_and_without_lowers(mp, up):
+    os.mkdir(f"{mp}/ud")
+    for _ in range(3):
+        os.stat(f"{mp}/ud")  # the dir's GETATTR: from now on in the C table
+        os.stat(f"{mp}/ld")
+    for i in range(20):
+        p = f"{mp}/ud/n{i}"
+        assert not os.path.lexists(p)
+        put(p, b"x")
+        assert read(p) == b"x"
+        os.rename(p, p + ".r")
+        assert not os.path.lexists(p) and os.path.lexists(p + ".r")
+        os.unlink(p + ".r")
+        assert not os.path.lexists(p + ".r")
+    # a merged dir copied up: its lower names still found, a deleted one not
+    put(f"{mp}/ld/new", b"n")
+    os.stat(f"{mp}/ld")
+    assert read(f"{mp}/ld/lower_name") == b"l"
+    os.unlink(f"{mp}/ld/lower_name")
+    assert not os.path.lexists(f"{mp}/ld/lower_name")
+    assert os.path.lexists(f"{mp}/ld/new")
+    # an upper-only dir made opaque over a lower one: lower names stay hidden
+    os.rename(f"{mp}/ud", f"{mp}/ud2")
+    os.rmdir(f"{mp}/ud2")
+    assert os.listdir(f"{mp}/od") == ["hidden"]
+    os.unlink(f"{mp}/od/hidden")
+    os.rmdir(f"{mp}/od")
+    os.mkdir(f"{mp}/od")
+    for _ in range(3):
+        os.stat(f"{mp}/od")
+    assert not os.path.lexists(f"{mp}/od/hidden")
+    assert os.listdir(f"{mp}/od") == []
+    put(f"{mp}/od/hidden", b"new")
+    assert read(f"{mp}/od/hidden") == b"new"
+    # a file put into the upper dir behind the mount's back is found, not cached absent
+    (up / "od" / "behind").write_bytes(b"b")
+    assert read(f"{mp}/od/behind") == b"b"

@@ -325,11 +325,11 @@ def serve(spec: MountSpec) -> int:
             # One worker: see UnionOperations._in_thread for how blocking requests are
             # kept from stalling the others.
             ops.worker_nursery = nursery
-            if fastwait.install(pyfuse3):
-                log.debug("fast wait for requests installed")
             if shim is not None and shim.fp_enable(ops.timeout, ops.readdir_plain):
                 ops.fastpath = shim
                 log.debug("C fast path on")
+            if fastwait.install(pyfuse3, ops.fastpath):
+                log.debug("fast wait for requests installed")
             _tune_gc()
             await pyfuse3.main(min_tasks=1, max_tasks=NO_SPAWN)
             nursery.cancel_scope.cancel()

@@ -33,7 +33,8 @@
  *    O_PATH fd; nlink forced to 0 for an unlinked file, 1 for a merged dir), SETATTR
  *    by ftruncate/fchown/fchmod/futimens (an upper file), GETXATTR "security.capability" for a
  *    file known to have none (the kernel asks before every write), and RELEASE of a
- *    file the daemon never opened (fh 0).  And plain READDIR: the daemon passes a
+ *    file the daemon never opened (fh 0).  A negative LOOKUP in a directory that has
+ *    no lower layer (fstatat on its O_PATH fd finds nothing).  And plain READDIR: the daemon passes a
  *    callable to fp_enable(), and the kernel is let send READDIR instead of READDIRPLUS
  *    (FUSE_CAP_READDIRPLUS_AUTO, libfuse's default that pyfuse3 turns off) for a
  *    listing nobody stats as it goes; the callable answers with ready-made fuse_dirent
@@ -54,6 +55,8 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <linux/fuse.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,6 +76,8 @@
 #define FP_NOCAPS 16u /* no security.capability xattr */
 #define FP_NLINK0 32u /* GETATTR/SETATTR answer nlink 0 (the file has no name left) */
 #define FP_NLINK1 64u /* GETATTR answers nlink 1 (a merged directory) */
+#define FP_UPPERONLY 128u /* a directory whose names all come from its fd's dir (no
+                           * lower layer): a name missing there is a negative LOOKUP */
 
 #define INO_TAG (1ULL << 63) /* above every inode number (private ones start at 1<<62) */
 
@@ -99,9 +104,9 @@ struct fp_ent {
 
 #define FP_TOMB UINT64_MAX
 enum { FPS_READ, FPS_WRITE, FPS_GETATTR, FPS_SETATTR, FPS_GETXATTR, FPS_RELEASE, FPS_READDIR,
-       FPS_N };
+       FPS_LOOKUP, FPS_N };
 static const char *const fp_stat_names[FPS_N] = {"read", "write", "getattr", "setattr",
-                                                 "getxattr", "release", "readdir"};
+                                                 "getxattr", "release", "readdir", "lookup"};
 static unsigned long long fp_stats[FPS_N];
 static struct fp_ent *fp_tab;
 static size_t fp_cap;  /* power of two, or 0 */
@@ -212,6 +217,30 @@ static struct fp_ent *fp_for(fuse_ino_t ino, struct fuse_file_info *fi, unsigned
 static struct fuse_lowlevel_ops real_ops; /* pyfuse3's table */
 static struct fuse_lowlevel_ops our_ops;
 
+/* -- the C serve loop (see fuse_session_receive_buf below) ------------------------- */
+
+static int loop_on;            /* the daemon enabled it (loop_enable) */
+static int loop_busy;          /* the daemon has work running in threads: trio must run */
+static int loop_wake_fd = -1;  /* read end of trio's wakeup socketpair */
+static int loop_idle_ms = 1000;
+static int loop_max_run = 64;  /* requests answered in a row before trio gets a turn */
+static int c_only;             /* processing a request on trial: Python must not run it */
+static int needs_python;       /* ...and it turned out to need Python */
+static unsigned char c_try[64]; /* opcodes whose handler is one of our wrappers */
+static unsigned long long loop_stats[2]; /* requests answered in the loop; handed back */
+
+/* A wrapper's way to Python: on trial (c_only) nothing is run and nothing is sent;
+ * the request is freed and processed again, for real, by pyfuse3's loop. */
+#define TO_PYTHON(req, call)                                                                \
+    do {                                                                                    \
+        if (c_only) {                                                                       \
+            needs_python = 1;                                                               \
+            fuse_reply_none(req);                                                           \
+        } else {                                                                            \
+            call;                                                                           \
+        }                                                                                   \
+    } while (0)
+
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                size_t, void *);
 
@@ -292,7 +321,7 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         FP_NOGIL_IF(size >= FP_NOGIL_MIN, fuse_reply_data(req, &buf, 0));
         return;
     }
-    real_ops.read(req, ino, size, off, fi);
+    TO_PYTHON(req, real_ops.read(req, ino, size, off, fi));
 }
 
 static void shim_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
@@ -322,7 +351,7 @@ static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *b
             fuse_reply_write(req, (size_t)res);
         return;
     }
-    real_ops.write_buf(req, ino, bufv, off, fi);
+    TO_PYTHON(req, real_ops.write_buf(req, ino, bufv, off, fi));
 }
 
 static void shim_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -340,7 +369,7 @@ static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
         fuse_reply_err(req, 0);
         return;
     }
-    real_ops.release(req, ino, fi);
+    TO_PYTHON(req, real_ops.release(req, ino, fi));
 }
 
 static void shim_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
@@ -403,7 +432,7 @@ static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int 
         fuse_reply_attr(req, &st, fp_timeout);
         return;
     }
-    real_ops.setattr(req, ino, attr, to_set, fi);
+    TO_PYTHON(req, real_ops.setattr(req, ino, attr, to_set, fi));
 }
 
 static void shim_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -416,7 +445,27 @@ static void shim_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
         fuse_reply_attr(req, &st, fp_timeout);
         return;
     }
-    real_ops.getattr(req, ino, fi);
+    TO_PYTHON(req, real_ops.getattr(req, ino, fi));
+}
+
+/* A name missing from a directory that has no lower layer is missing from the union:
+ * answer the negative entry here (the kernel asks before every create and rename).
+ * Whatever exists (a file, a whiteout) and any odd name goes to the daemon. */
+static void shim_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    struct fp_ent *e = fp_for(parent, NULL, FP_UPPERONLY);
+    struct stat st;
+    if (e && name[0] && strncmp(name, ".wh.", 4) != 0 && strcmp(name, ".") != 0 &&
+        strcmp(name, "..") != 0 && strlen(name) <= 255 &&
+        fstatat(e->fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 && errno == ENOENT) {
+        struct fuse_entry_param ep;
+        memset(&ep, 0, sizeof(ep));
+        ep.entry_timeout = fp_timeout;
+        fp_stats[FPS_LOOKUP]++;
+        fuse_reply_entry(req, &ep);
+        return;
+    }
+    TO_PYTHON(req, real_ops.lookup(req, parent, name));
 }
 
 static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
@@ -426,7 +475,7 @@ static void shim_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
         fuse_reply_err(req, ENODATA);
         return;
     }
-    real_ops.getxattr(req, ino, name, size);
+    TO_PYTHON(req, real_ops.getxattr(req, ino, name, size));
 }
 
 /* Plain READDIR: the kernel asks for it (with READDIRPLUS_AUTO) when nothing looked up
@@ -459,7 +508,7 @@ static void shim_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         return;
     }
     if (real_ops.readdir)
-        real_ops.readdir(req, ino, size, off, fi);
+        TO_PYTHON(req, real_ops.readdir(req, ino, size, off, fi));
     else
         fuse_reply_err(req, ENOSYS);
 }
@@ -531,14 +580,85 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
                 our_ops.fsync = shim_fsync;
         }
         if ((want_flags & SHIM_FASTPATH) && open_wrapped && real_ops.getattr &&
-            real_ops.getxattr && real_ops.write_buf) { /* libfuse prefers write_buf */
+            real_ops.getxattr && real_ops.write_buf && real_ops.lookup) {
+            /* (libfuse prefers write_buf) */
             our_ops.getattr = shim_getattr;
             our_ops.getxattr = shim_getxattr;
+            our_ops.lookup = shim_lookup;
             fastpath_wrapped = 1;
         }
     }
+    memset(c_try, 0, sizeof(c_try));
+    if (fastpath_wrapped) {
+        c_try[FUSE_LOOKUP] = c_try[FUSE_GETATTR] = c_try[FUSE_SETATTR] = 1;
+        c_try[FUSE_READ] = c_try[FUSE_RELEASE] = c_try[FUSE_GETXATTR] = 1;
+        c_try[FUSE_WRITE] = our_ops.write_buf == shim_write_buf;
+        c_try[FUSE_READDIR] = our_ops.readdir == shim_readdir;
+        c_try[FUSE_IOCTL] = !our_ops.ioctl; /* libfuse answers ENOSYS itself */
+    }
     interposed = 1;
     return real_new(args, &our_ops, sizeof(our_ops), userdata);
+}
+
+/*
+ * The C serve loop.  pyfuse3's worker goes around a Python loop for every request:
+ * wait (fs/fastwait.py), fuse_session_receive_buf(), fuse_session_process_buf(), await
+ * the handler's coroutine.  For a request answered here in C, all but the read and the
+ * reply is overhead, paid in Python.  So our fuse_session_receive_buf() (pyfuse3 binds to
+ * it as to fuse_session_new) keeps going while it can: it processes each request it
+ * reads whose handler is one of our wrappers "on trial" (c_only), and if the wrapper
+ * answered it in C, waits for the next one here (poll with the GIL released, on
+ * /dev/fuse and trio's wakeup fd, as the fast wait does).  The first request that needs
+ * Python is handed to pyfuse3 as if just read.  Back to pyfuse3 with -EINTR (its loop
+ * just waits again) after loop_max_run requests, when the wakeup fd fires (a signal, a
+ * thread's result), after loop_idle_ms idle, or while the daemon is busy in threads.
+ */
+typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
+typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
+
+static int loop_wait(int fd)
+{
+    struct pollfd p[2] = {{fd, POLLIN, 0}, {loop_wake_fd, POLLIN, 0}};
+    int r;
+    Py_BEGIN_ALLOW_THREADS r = poll(p, 2, loop_idle_ms);
+    Py_END_ALLOW_THREADS
+    return r > 0 && p[0].revents == POLLIN && !p[1].revents;
+}
+
+int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    static receive_buf_fn real_receive;
+    static process_buf_fn real_process;
+    if (!real_receive) {
+        real_receive = (receive_buf_fn)dlvsym(RTLD_NEXT, "fuse_session_receive_buf", "FUSE_3.0");
+        real_process = (process_buf_fn)dlvsym(RTLD_NEXT, "fuse_session_process_buf", "FUSE_3.0");
+        if (!real_receive)
+            real_receive = (receive_buf_fn)dlsym(RTLD_NEXT, "fuse_session_receive_buf");
+        if (!real_process)
+            real_process = (process_buf_fn)dlsym(RTLD_NEXT, "fuse_session_process_buf");
+        if (!real_receive)
+            return -ENOSYS;
+    }
+    int res = real_receive(se, buf);
+    for (int n = 0; res > 0 && loop_on && real_process && !loop_busy; n++) {
+        const struct fuse_in_header *in = buf->mem;
+        if ((buf->flags & FUSE_BUF_IS_FD) || (size_t)res < sizeof(*in) || in->opcode >= 64 ||
+            !c_try[in->opcode])
+            return res; /* pyfuse3's */
+        c_only = 1;
+        needs_python = 0;
+        real_process(se, buf);
+        c_only = 0;
+        if (needs_python) {
+            loop_stats[1]++;
+            return res; /* processed again by pyfuse3, for real */
+        }
+        loop_stats[0]++;
+        if (n + 1 >= loop_max_run || !loop_wait(fuse_session_fd(se)))
+            return -EINTR; /* pyfuse3's loop waits again (through trio if it must) */
+        res = real_receive(se, buf);
+    }
+    return res;
 }
 
 /* -- Python side ------------------------------------------------------------------- */
@@ -643,6 +763,16 @@ static PyObject *py_fp_stats(PyObject *self, PyObject *noargs)
         }
         Py_DECREF(v);
     }
+    const char *const loop_names[2] = {"in_loop", "handed_back"};
+    for (int i = 0; i < 2; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(loop_stats[i]);
+        if (!v || PyDict_SetItemString(d, loop_names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
     PyObject *v = PyLong_FromSize_t(fp_live);
     if (!v || PyDict_SetItemString(d, "entries", v) < 0) {
         Py_XDECREF(v);
@@ -651,6 +781,29 @@ static PyObject *py_fp_stats(PyObject *self, PyObject *noargs)
     }
     Py_DECREF(v);
     return d;
+}
+
+static PyObject *py_loop_enable(PyObject *self, PyObject *args)
+{
+    int wake_fd, idle_ms, max_run;
+    if (!PyArg_ParseTuple(args, "iii", &wake_fd, &idle_ms, &max_run))
+        return NULL;
+    if (!fp_on || !interposed || wake_fd < 0 || max_run < 1)
+        Py_RETURN_FALSE;
+    loop_wake_fd = wake_fd;
+    loop_idle_ms = idle_ms;
+    loop_max_run = max_run;
+    loop_on = 1;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *py_loop_busy(PyObject *self, PyObject *args)
+{
+    int busy;
+    if (!PyArg_ParseTuple(args, "p", &busy))
+        return NULL;
+    loop_busy = busy;
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
@@ -662,6 +815,9 @@ static PyMethodDef methods[] = {
     {"fp_clear", py_fp_clear, METH_VARARGS, "fp_clear(ino)"},
     {"fp_get", py_fp_get, METH_VARARGS, "fp_get(ino) -> (fd, flags) or None"},
     {"fp_stats", py_fp_stats, METH_NOARGS, "fp_stats() -> requests answered in C, by kind"},
+    {"loop_enable", py_loop_enable, METH_VARARGS,
+     "loop_enable(wake_fd, idle_ms, max_run) -> bool: serve C-answered requests in a C loop"},
+    {"loop_busy", py_loop_busy, METH_VARARGS, "loop_busy(flag): threads are running: let trio wait"},
     {"configure", py_configure, METH_VARARGS, "configure(flags): features to use in the next session"},
     {"status", py_status, METH_NOARGS, "status() -> dict of the features in effect"},
     {NULL, NULL, 0, NULL},
@@ -688,6 +844,7 @@ PyMODINIT_FUNC PyInit__fuseshim(void)
     PyModule_AddIntConstant(m, "FP_NOCAPS", FP_NOCAPS);
     PyModule_AddIntConstant(m, "FP_NLINK0", FP_NLINK0);
     PyModule_AddIntConstant(m, "FP_NLINK1", FP_NLINK1);
+    PyModule_AddIntConstant(m, "FP_UPPERONLY", FP_UPPERONLY);
     PyModule_AddObject(m, "INO_TAG", PyLong_FromUnsignedLongLong(INO_TAG));
     return m;
 }

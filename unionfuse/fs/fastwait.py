@@ -20,6 +20,10 @@ What else could need the trio loop, and how it is noticed:
 * fairness: every ``YIELD_EVERY`` requests, and after ``IDLE_MS`` without one, the
   wait goes through trio anyway.
 
+With the C fast path on, fs/_fuseshim.c also runs a C serve loop by the same rules: a
+request it answers in C is followed by the next wait in C, and only a request that
+needs Python comes back up here.
+
 pyfuse3 looks ``_wait_fuse_readable`` up in its module globals on every call, so
 :func:`install` replaces it; the original keeps doing the trio wait (with pyfuse3's read
 lock and reader count, which its worker loop relies on).
@@ -40,16 +44,21 @@ IDLE_MS = 1000
 NO_FASTWAIT_ENV = "UNIONFUSE_NO_FASTWAIT"
 
 _busy = 0
+_shim = None  # fs/_fuseshim, when its C serve loop is on (install)
 
 
 def busy() -> None:
     global _busy
     _busy += 1
+    if _shim is not None and _busy == 1:
+        _shim.loop_busy(True)
 
 
 def idle() -> None:
     global _busy
     _busy -= 1
+    if _shim is not None and _busy == 0:
+        _shim.loop_busy(False)
 
 
 def fuse_fd() -> int | None:
@@ -82,7 +91,11 @@ def _trio_wakeup_fd() -> int | None:
     return read_fd if current == write_fd else None
 
 
-def install(pyfuse3) -> bool:
+def install(pyfuse3, shim=None) -> bool:
+    """Install the fast wait; and, given fs/_fuseshim with its fast path on, its C
+    serve loop (requests answered in C are read, answered and waited for there, by the
+    same rules as here; see the C source)."""
+    global _shim
     if os.environ.get(NO_FASTWAIT_ENV) == "1":
         return False
     original = getattr(pyfuse3, "_wait_fuse_readable", None)
@@ -91,6 +104,10 @@ def install(pyfuse3) -> bool:
     if original is None or fd is None or wake is None:
         log.debug("fast wait not installed (pyfuse3 or trio internals or fd not found)")
         return False
+    if shim is not None and hasattr(shim, "loop_enable") and shim.loop_enable(wake, IDLE_MS, YIELD_EVERY):
+        _shim = shim
+        shim.loop_busy(_busy > 0)
+        log.debug("C serve loop on")
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     poller.register(wake, select.POLLIN)

@@ -54,6 +54,7 @@ CAPS_XATTR = b"security.capability"
 # fast-path table flags (fs/_fuseshim.c)
 FP_READ, FP_WRITE, FP_ATTR, FP_SETATTR, FP_NOCAPS = 1, 2, 4, 8, 16
 FP_NLINK0, FP_NLINK1 = 32, 64  # GETATTR answers nlink 0 (unlinked) / 1 (merged dir)
+FP_UPPERONLY = 128  # a dir with no lower layer: C answers the negative LOOKUPs
 INO_TAG = 1 << 63  # above every inode number (inodes.py: private ones start at 1 << 62)
 INO_MASK = INO_TAG - 1
 
@@ -749,7 +750,8 @@ class UnionOperations(pyfuse3.Operations):
 
     def _dir_fp_add(self, node: Node) -> None:
         """Let the C fast path answer GETATTR for directory *node* (after Python has
-        answered one): an O_PATH fd on its real copy, and nlink 1 if it is merged.
+        answered one): an O_PATH fd on its real copy, and nlink 1 if it is merged;
+        and, if it has no lower layer, negative LOOKUPs (a name not in that dir).
         Dropped (_dir_fp_drop) when it is copied up, its layers change, it is deleted,
         or the kernel forgets it."""
         if node.deleted or node.ino in self._dir_fds:
@@ -762,9 +764,12 @@ class UnionOperations(pyfuse3.Operations):
         except OSError:
             return
         merged = len(node.lowers) + (1 if node.in_upper else 0) > 1
+        flags = FP_ATTR | (FP_NLINK1 if merged else 0)
+        if node.in_upper and not node.lowers:
+            flags |= FP_UPPERONLY  # (fd is the upper dir: _real)
         dfds = self._dir_fds
         dfds[node.ino] = fd
-        self.fastpath.fp_set(node.ino, fd, FP_ATTR | (FP_NLINK1 if merged else 0))
+        self.fastpath.fp_set(node.ino, fd, flags)
         while len(dfds) > self._dir_fd_max:
             ino = next(iter(dfds))
             self.fastpath.fp_clear(ino)
