@@ -35,7 +35,7 @@ def mode(request, monkeypatch):
 
 def make_layers(l1, l2, n=1500):
     d2 = l2 / "d"
-    d2.mkdir()
+    d2.mkdir(exist_ok=True)
     for i in range(n):
         put(d2 / f"f{i:05d}{LONG}", b"%d" % i)
     os.symlink("f00000" + LONG, d2 / "sl")
@@ -181,6 +181,63 @@ def test_layers_on_another_filesystem(dirs, mode, tmp_path, tmpfs):
         d.stop()
 
 
+def drop_dentries():
+    """The kernel forgets unused inodes: FORGETs reach the daemon."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def test_numbers_kept_after_the_kernel_forgets(dirs, mode, tmp_path, tmpfs):
+    """Private numbers (layers off the upper's filesystem) outlive the node: after the
+    kernel forgets the inodes, a listing and a lookup still agree with each other and
+    with what was shown before."""
+    l1, l2 = tmpfs / "l1", tmpfs / "l2"
+    l1.mkdir()
+    l2.mkdir()
+    make_layers(l1, l2, n=300)
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [l1, l2], dirs["upper"], dirs["work"])
+    try:
+        expected = change_through(mp, n=300)
+        check_listing(f"{mp}/d", expected)
+        before = {e.name: e.inode() for e in os.scandir(f"{mp}/d")}
+        for _ in range(2):
+            drop_dentries()
+            check_listing(f"{mp}/d", expected)
+            assert {e.name: e.inode() for e in os.scandir(f"{mp}/d")} == before
+    finally:
+        d.stop()
+
+
+@pytest.fixture
+def nested_mount(dirs):
+    """A tmpfs mounted on a dir inside lower layer l2 (a mount point in a layer)."""
+    p = dirs["l2"] / "d" / "mnt"
+    p.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(p)], check=True)
+    put(p / "inside", b"i")
+    yield p
+    if mount_entry(str(p)) is not None:
+        subprocess.run(["umount", "-l", str(p)], check=True)
+
+
+def test_mount_point_inside_a_layer(dirs, mode, tmp_path, nested_mount):
+    """getdents gives a mount point's covered dir's number; lookup stats the mounted
+    root: the listing shows the latter."""
+    make_layers(dirs["l1"], dirs["l2"])
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [dirs["l1"], dirs["l2"]], dirs["upper"], dirs["work"])
+    try:
+        expected = change_through(mp)
+        check_listing(f"{mp}/d", expected | {"mnt"})
+        assert os.listdir(f"{mp}/d/mnt") == ["inside"]
+    finally:
+        d.stop()
+
+
 # -- no mount: the records and the numbers ---------------------------------------------
 
 DIRENT = struct.Struct("<QQII")
@@ -256,3 +313,20 @@ def test_predicted_numbers_are_the_ones_given(tmp_path):
     assert t.by_ino[600] is old
     p = t.predict((7, 600))
     assert p >= _PRIVATE_BASE and t.new((7, 600), True).ino == p
+
+
+def test_records_show_a_mount_points_own_number(dirs, nested_mount):
+    make_layers(dirs["l1"], dirs["l2"], n=20)
+    ops = UnionOperations([bytes(dirs["l1"]), bytes(dirs["l2"])], bytes(dirs["upper"]),
+                          bytes(dirs["work"]))
+    root = ops.table.by_ino[1]
+    ppath, ent = ops._resolve(root, b"d")
+    node = ops._node_for(root, ppath, b"d", ent)
+    inos = {r[0]: r[1] for r in parse(ops.readdir_plain(node.ino, 1 << 20, 0))}
+    st = os.lstat(nested_mount)
+    covered = {e.name: e.inode() for e in os.scandir(nested_mount.parent)}["mnt"]
+    assert st.st_ino != covered
+    assert inos[b"mnt"] == ops.table.predict((st.st_dev, st.st_ino))
+    # and a lookup gives that number
+    _, ent = ops._resolve(node, b"mnt")
+    assert ops._node_for(node, ppath + b"/d" if ppath else b"d", b"mnt", ent).ino == inos[b"mnt"]

@@ -228,6 +228,7 @@ static int c_only;             /* processing a request on trial: Python must not
 static int needs_python;       /* ...and it turned out to need Python */
 static unsigned char c_try[64]; /* opcodes whose handler is one of our wrappers */
 static unsigned long long loop_stats[2]; /* requests answered in the loop; handed back */
+static int loop_yielded;       /* it returned for trio's sake: fastwait must go to trio */
 
 /* A wrapper's way to Python: on trial (c_only) nothing is run and nothing is sent;
  * the request is freed and processed again, for real, by pyfuse3's loop. */
@@ -609,9 +610,12 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
  * reads whose handler is one of our wrappers "on trial" (c_only), and if the wrapper
  * answered it in C, waits for the next one here (poll with the GIL released, on
  * /dev/fuse and trio's wakeup fd, as the fast wait does).  The first request that needs
- * Python is handed to pyfuse3 as if just read.  Back to pyfuse3 with -EINTR (its loop
+ * Python is handed to pyfuse3 as if just read (the trial's fuse_req is freed unanswered
+ * with fuse_reply_none; an INTERRUPT queued for it would be consumed by the trial, which
+ * is moot while pyfuse3 handles no interrupts).  Back to pyfuse3 with -EINTR (its loop
  * just waits again) after loop_max_run requests, when the wakeup fd fires (a signal, a
- * thread's result), after loop_idle_ms idle, or while the daemon is busy in threads.
+ * thread's result), or after loop_idle_ms idle, and the fast wait then waits through
+ * trio (loop_take_yield); never while the daemon is busy in threads.
  */
 typedef int (*receive_buf_fn)(struct fuse_session *, struct fuse_buf *);
 typedef void (*process_buf_fn)(struct fuse_session *, const struct fuse_buf *);
@@ -654,8 +658,10 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
             return res; /* processed again by pyfuse3, for real */
         }
         loop_stats[0]++;
-        if (n + 1 >= loop_max_run || !loop_wait(fuse_session_fd(se)))
-            return -EINTR; /* pyfuse3's loop waits again (through trio if it must) */
+        if (n + 1 >= loop_max_run || !loop_wait(fuse_session_fd(se))) {
+            loop_yielded = 1; /* the fast wait's next wait is trio's (loop_take_yield) */
+            return -EINTR;    /* pyfuse3's loop waits again */
+        }
         res = real_receive(se, buf);
     }
     return res;
@@ -797,6 +803,13 @@ static PyObject *py_loop_enable(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+static PyObject *py_loop_take_yield(PyObject *self, PyObject *noargs)
+{
+    int y = loop_yielded;
+    loop_yielded = 0;
+    return PyBool_FromLong(y);
+}
+
 static PyObject *py_loop_busy(PyObject *self, PyObject *args)
 {
     int busy;
@@ -818,6 +831,8 @@ static PyMethodDef methods[] = {
     {"loop_enable", py_loop_enable, METH_VARARGS,
      "loop_enable(wake_fd, idle_ms, max_run) -> bool: serve C-answered requests in a C loop"},
     {"loop_busy", py_loop_busy, METH_VARARGS, "loop_busy(flag): threads are running: let trio wait"},
+    {"loop_take_yield", py_loop_take_yield, METH_NOARGS,
+     "loop_take_yield() -> bool: the C loop returned to give trio a turn (and clears that)"},
     {"configure", py_configure, METH_VARARGS, "configure(flags): features to use in the next session"},
     {"status", py_status, METH_NOARGS, "status() -> dict of the features in effect"},
     {NULL, NULL, 0, NULL},

@@ -115,7 +115,7 @@ def install(pyfuse3, shim=None) -> bool:
 
     async def _wait_fuse_readable():
         nonlocal count
-        if _busy or count >= YIELD_EVERY:
+        if _busy or count >= YIELD_EVERY or (_shim is not None and _shim.loop_take_yield()):
             count = 0
             return await original()
         count += 1

@@ -22,9 +22,10 @@ from .union import join
 
 ROOT_INODE = 1
 _PRIVATE_BASE = 1 << 62
-# private numbers promised to listed objects not yet looked up (layers on another
-# filesystem than the upper), at most this many
-PROMISE_MAX = 100_000
+# private numbers promised to objects not in the table (listed but not looked up yet,
+# or forgotten by the kernel; layers on another filesystem than the upper), at most
+# this many
+PROMISE_MAX = 32_768
 
 
 class Node:
@@ -109,8 +110,8 @@ class InodeTable:
         self.by_key: dict[tuple[int, int], Node] = {}
         self.upper_dev = upper_dev
         self._private = itertools.count(_PRIVATE_BASE)
-        # key -> private number already shown (as a listing's d_ino) for an object not
-        # in the table: new() gives it that number (see predict)
+        # key -> private number already shown (as a listing's d_ino, or by a node since
+        # dropped) for an object not in the table: new() gives it that number (predict)
         self._promised: dict[tuple[int, int], int] = {}
 
     def __getitem__(self, ino: int) -> Node:
@@ -145,10 +146,13 @@ class InodeTable:
         if dev == self.upper_dev and ROOT_INODE < ino < _PRIVATE_BASE and ino not in self.by_ino:
             return ino  # new() gives the real number while nothing else holds it
         ino = next(self._private)
+        self._promise(key, ino)
+        return ino
+
+    def _promise(self, key, ino: int) -> None:
         if len(self._promised) >= PROMISE_MAX:
             del self._promised[next(iter(self._promised))]  # oldest: may show a new number
         self._promised[key] = ino
-        return ino
 
     def new(self, key, is_dir: bool) -> Node:
         dev, ino = key
@@ -222,6 +226,10 @@ class InodeTable:
             del self.by_ino[node.ino]
             if self.by_key.get(node.key) is node:
                 del self.by_key[node.key]
+                if node.ino >= _PRIVATE_BASE:
+                    # the same object looked up again gets the same number back: a
+                    # listing (or a process) may still hold this one
+                    self._promise(node.key, node.ino)
             if node.is_dir:
                 parent = node.parent
                 node.parent = None

@@ -1533,6 +1533,11 @@ class UnionOperations(pyfuse3.Operations):
                 it = os.scandir(real)
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            # d_ino + the dir's st_dev is what lstat would say, but for a dir that
+            # is a mount point and for a layer on a filesystem that numbers its files
+            # otherwise (overlayfs without xino): dirs are always lstat'ed, and if the
+            # first file is off, every entry here is
+            checked = stat_all = False
             with it:
                 for e in it:
                     name = e.name
@@ -1540,6 +1545,8 @@ class UnionOperations(pyfuse3.Operations):
                         continue  # not listed, or known already
                     try:
                         if e.is_dir(follow_symlinks=False):
+                            st = e.stat(follow_symlinks=False)
+                            key = (st.st_dev, st.st_ino)
                             dt = _DT_DIR
                         elif e.is_file(follow_symlinks=False):
                             dt = _DT_REG
@@ -1550,9 +1557,16 @@ class UnionOperations(pyfuse3.Operations):
                             if is_whiteout_stat(st):
                                 continue  # hides lower ones: the name is not from here
                             dt = stat.S_IFMT(st.st_mode) >> 12
+                        if dt != _DT_DIR:
+                            key = (dev, e.inode())
+                            if not checked or stat_all:
+                                st = e.stat(follow_symlinks=False)
+                                real_key = (st.st_dev, st.st_ino)
+                                stat_all = stat_all or (not checked and real_key != key)
+                                checked = True
+                                key = real_key
                     except FileNotFoundError:
                         continue
-                    key = (dev, e.inode())
                     if upper:
                         origin = self._origin(os.path.join(real, name))
                         if origin is not None:
