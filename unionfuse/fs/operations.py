@@ -8,17 +8,17 @@ in one handler never takes the mount down.
 
 from __future__ import annotations
 
+import array
+import bisect
 import errno
 import functools
-import bisect
 import inspect
 import logging
 import os
 import stat
+import struct
 import sys
 import weakref
-
-import struct
 
 import pyfuse3
 import trio
@@ -130,7 +130,7 @@ class DirCache:
         self.ents: dict[bytes, weakref.ref | None] = {}
         # plain READDIR answer, built on first use (_plain_listing): (fuse_dirent records
         # in key order, where each starts (one more at the end), their keys)
-        self.plain: tuple[bytes, list[int], list[int]] | None = None
+        self.plain: tuple[bytes, array.array, list[int]] | None = None
 
 
 def _dir_key(name: bytes) -> int:
@@ -1574,7 +1574,7 @@ class UnionOperations(pyfuse3.Operations):
                     want[name] = (predict(key), dt)
                     missing -= 1
         parts = []
-        pos = [0]
+        pos = array.array("Q", [0])  # 8 bytes a name, not a list of int objects
         keys = []
         n = 0
         pack = _DIRENT.pack
