@@ -463,9 +463,13 @@ class UnionOperations(pyfuse3.Operations):
         group = None
         key = (st.st_dev, st.st_ino)
         if ent.in_upper:
-            origin = self._origin(self._up(join(ppath, name)))
-            if origin is not None:
-                key, group = origin
+            # An upper object's origin record is written once, on the copy that copy-up
+            # makes: one already in the table under its own number has none.
+            known = self.table.find(key)
+            if known is None or not known.in_upper or known.is_dir != ent.is_dir:
+                origin = self._origin(self._up(join(ppath, name)))
+                if origin is not None:
+                    key, group = origin
         else:
             group = self._group_name(ent)
         node = self.table.find(key)
@@ -1256,6 +1260,9 @@ class UnionOperations(pyfuse3.Operations):
                 raise _err(errno.ENOENT)
         up_old = self._up(join(oldpath, name_old))
         up_new = self._up(join(newpath, name_new))
+        # resolving dst found nothing at the name in the upper, not even a whiteout
+        # (nor a .wh. file): nothing there to look at or clear
+        dst_absent = not dst.in_upper and not dst.upper_whiteout
         if exchange:
             if snode.is_dir:
                 self._fix_moved_dir(snode, pnew, name_new)
@@ -1278,8 +1285,9 @@ class UnionOperations(pyfuse3.Operations):
             self._move(up_old, up_new, oldpath, name_old, pold, src.is_dir)
             copyup.remove_tree(tmp)
         else:
-            self._move(up_old, up_new, oldpath, name_old, pold, src.is_dir)
-        self._clear_oci_whiteout(newpath, name_new)
+            self._move(up_old, up_new, oldpath, name_old, pold, src.is_dir, dst_absent)
+        if not dst_absent:
+            self._clear_oci_whiteout(newpath, name_new)
         if dnode is not None:
             self.table.remove_alias(dnode, pnew, name_new)
             if dnode.is_dir or not dnode.aliases:
@@ -1289,10 +1297,10 @@ class UnionOperations(pyfuse3.Operations):
         self.table.add_alias(snode, pnew, name_new)
 
     def _move(self, up_old: bytes, up_new: bytes, oldpath: bytes, name_old: bytes,
-              pold: Node, is_dir: bool) -> None:
+              pold: Node, is_dir: bool, dst_absent: bool = False) -> None:
         """rename(2) in the upper, leaving a whiteout behind if a lower has the name."""
         need_wh = bool(pold.lowers) and self.layers.lower_positive(pold.lowers, name_old)
-        dst_st = lstat_or_none(up_new)
+        dst_st = None if dst_absent else lstat_or_none(up_new)
         over_whiteout = dst_st is not None and is_whiteout_stat(dst_st)
         if is_dir and over_whiteout:
             # a dir can't replace a non-dir: swap with the whiteout instead

@@ -281,7 +281,9 @@ class Layers:
                     return ent
                 if meta.redirect:
                     override, relname = self._follow(meta.redirect, override, relname)
-            elif self._wh_file(0, rel):
+            elif parent_lowers and self._wh_file(0, rel):
+                # (with no lower dir under this one a .wh. file hides nothing: not
+                # looked for; it stays behind a new entry of the name, which wins)
                 ent.upper_whiteout = True
                 return ent
         if self.cache is not None:
