@@ -330,3 +330,60 @@ def test_records_show_a_mount_points_own_number(dirs, nested_mount):
     # and a lookup gives that number
     _, ent = ops._resolve(node, b"mnt")
     assert ops._node_for(node, ppath + b"/d" if ppath else b"d", b"mnt", ent).ino == inos[b"mnt"]
+
+
+def test_listings_follow_changes_in_other_dirs(dirs, mode, tmp_path):
+    """Each dir's cached listing is dropped by changes to its own names only: moves,
+    links and copy-ups from one dir into another show in both."""
+    l2 = dirs["l2"]
+    for d in ("a", "b", "c"):
+        (l2 / d).mkdir()
+        for i in range(300):
+            put(l2 / d / f"{d}{i:04d}{LONG}", b"x")
+    put(l2 / "a" / "h1", b"hard")
+    os.link(l2 / "a" / "h1", l2 / "c" / "h2")
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [dirs["l2"]], dirs["upper"], dirs["work"])
+    try:
+        a = {f"a{i:04d}{LONG}" for i in range(300)} | {"h1"}
+        b = {f"b{i:04d}{LONG}" for i in range(300)}
+        c = {f"c{i:04d}{LONG}" for i in range(300)} | {"h2"}
+
+        def check():
+            for name, want in (("a", a), ("b", b), ("c", c)):
+                got = os.listdir(f"{mp}/{name}")
+                assert len(got) == len(set(got)) and set(got) == want, name
+                with os.scandir(f"{mp}/{name}") as it:
+                    for e in it:
+                        assert e.inode() == os.lstat(e.path).st_ino, e.path
+
+        for name in ("a", "b", "c"):  # the dirs in the upper already: no dir copy-up
+            put(f"{mp}/{name}/tmp", b"")
+            os.unlink(f"{mp}/{name}/tmp")
+        check()
+        os.rename(f"{mp}/a/a0001{LONG}", f"{mp}/b/moved")  # copy-up, move
+        a.discard(f"a0001{LONG}")
+        b.add("moved")
+        check()
+        os.link(f"{mp}/b/b0002{LONG}", f"{mp}/c/linked")
+        c.add("linked")
+        check()
+        with open(f"{mp}/a/h1", "ab") as f:  # copies up the group: c/h2 follows
+            f.write(b"!")
+        assert open(f"{mp}/c/h2", "rb").read() == b"hard!"
+        check()
+        os.mkdir(f"{mp}/b/sub")
+        os.rename(f"{mp}/b/sub", f"{mp}/c/sub")
+        c.add("sub")
+        check()
+        os.rename(f"{mp}/c/sub", f"{mp}/a/sub")
+        c.discard("sub")
+        a.add("sub")
+        os.rmdir(f"{mp}/a/sub")
+        a.discard("sub")
+        os.unlink(f"{mp}/c/c0003{LONG}")
+        c.discard(f"c0003{LONG}")
+        check()
+    finally:
+        d.stop()

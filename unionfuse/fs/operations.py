@@ -114,13 +114,14 @@ class CachedFd(Handle):
 
 
 class DirCache:
-    """A merged dir's listing and resolved entries, valid while no change was made
-    through the mount since it was built (``gen``: UnionOperations.gen at the time)."""
+    """A merged dir's listing and resolved entries (node.dcache).  Dropped (_touch)
+    before and after every change that may add, remove or move a name in the dir: a
+    create, link, unlink, rmdir or rename there, a copy-up into it; so it is valid for
+    as long as it is there.  Changes elsewhere in the mount leave it be."""
 
-    __slots__ = ("gen", "names", "ents", "keys", "plain")
+    __slots__ = ("names", "ents", "keys", "plain")
 
-    def __init__(self, gen: int, names: list[bytes]):
-        self.gen = gen
+    def __init__(self, names: list[bytes]):
         # in the order of their readdir offsets, keys: hash(name) (stable while the
         # daemon runs), in 1..2**62
         keyed = sorted(zip(map(_dir_key, names), names))
@@ -166,17 +167,20 @@ def _fuse_edge(fn):
     return wrapper
 
 
-def _changes_tree(fn):
-    """A handler that may change names, whiteouts or copy-up state in the upper: cached
-    merged listings (DirCache) are stale from its start to its end."""
+def _changes_names(fn, parent_args: tuple[int, ...]):
+    """A handler that adds, removes or moves names in the dirs given by these
+    arguments (inode numbers): their cached listings (DirCache) are dropped as it
+    starts and again as it ends (one built while it awaited is stale too)."""
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
-        self.gen += 1
+        get = self.table.get
+        parents = [get(args[i]) for i in parent_args]
+        self._touch(*parents)
         try:
             return await fn(self, *args)
         finally:
-            self.gen += 1
+            self._touch(*parents)
 
     return wrapper
 
@@ -244,8 +248,6 @@ class UnionOperations(pyfuse3.Operations):
         self._dir_fd_max = max(16, self._fd_max // 4)
         self._euid, self._egid = os.geteuid(), os.getegid()  # what new files get (_owner)
         self._next_fh = 1
-        # bumped around every change to the upper tree: DirCache validity
-        self.gen = 0
         self._rename_whiteout = self.whiteout == "overlay"
         # the whiteout every new one is a hard link to (see _new_whiteout)
         self._wh_shared = os.path.join(self.work.base, b"whiteout") if self.work is not None else None
@@ -525,7 +527,7 @@ class UnionOperations(pyfuse3.Operations):
             raise
         node.in_upper = True
         self._dir_fp_drop(node)  # its attrs are the upper copy's from now on
-        self.gen += 1
+        self._touch(node, parent)
 
     async def _copy_up(self, node: Node, data: bool = True) -> None:
         if node.in_upper:
@@ -539,11 +541,13 @@ class UnionOperations(pyfuse3.Operations):
         async with node.lock:
             if node.in_upper:
                 return
-            self.gen += 1  # DirCache: stale from here to the end (see _changes_tree)
+            # the dirs it lands in: their listings are stale from here to the end
+            parents = [p for p, _ in node.aliases]
+            self._touch(*parents)
             try:
                 await self._copy_up_locked(node, data)
             finally:
-                self.gen += 1
+                self._touch(*parents, *(p for p, _ in node.aliases))
 
     async def _copy_up_locked(self, node: Node, data: bool) -> None:
         if not node.lowers:
@@ -593,7 +597,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def _link_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """Hard-link a copied-up group's index file into the upper at one alias."""
-        self.gen += 1
+        self._touch(parent)
         self._copy_up_dir(parent)
         pdir = self._up(self._path(parent))
         dst = os.path.join(pdir, name)
@@ -1173,10 +1177,17 @@ class UnionOperations(pyfuse3.Operations):
 
     def _merged(self, node: Node) -> DirCache:
         dc = node.dcache
-        if dc is None or dc.gen != self.gen:
+        if dc is None:
             names = self.layers.listdir(self._path(node) if node.in_upper else None, node.lowers)
-            dc = node.dcache = DirCache(self.gen, names)
+            dc = node.dcache = DirCache(names)
         return dc
+
+    @staticmethod
+    def _touch(*dirs: Node | None) -> None:
+        """The names in these dirs may change: drop their cached listings."""
+        for d in dirs:
+            if d is not None:
+                d.dcache = None
 
     def _is_ancestor(self, a: Node, b: Node) -> bool:
         """Is dir *a* the same as or an ancestor of *b*?"""
@@ -1189,6 +1200,7 @@ class UnionOperations(pyfuse3.Operations):
     def _fix_moved_dir(self, node: Node, new_parent: Node, new_name: bytes) -> None:
         """Before a dir (already in the upper) lands at a new name: keep its lower
         contents with a redirect, or hide what lies below the new name with opaque."""
+        self._touch(node)
         real = self._real(node)
         if node.lowers:
             os.setxattr(real, self.redirect_xattr, b"/" + node.lowers[0][1])
@@ -1454,8 +1466,8 @@ class UnionOperations(pyfuse3.Operations):
         upper_dir = ppath if node.in_upper else None
         for i in range(start, len(names)):
             name = names[i]
-            # Nothing changed through the mount since dc was built: a child node still
-            # in the table still stands for this name (skip resolving it again).
+            # No name in this dir changed since dc was built (a change drops it): a
+            # child node still in the table still stands for this name (skip resolving).
             try:
                 ref = ents[name]
             except KeyError:
@@ -1701,8 +1713,9 @@ class UnionOperations(pyfuse3.Operations):
         return (mode & bits) == mode
 
 
-for _name in ("create", "mknod", "mkdir", "symlink", "link", "unlink", "rmdir", "rename"):
-    setattr(UnionOperations, _name, _changes_tree(vars(UnionOperations)[_name]))
+for _name, _parents in (("create", (0,)), ("mknod", (0,)), ("mkdir", (0,)), ("symlink", (0,)),
+                        ("link", (1,)), ("unlink", (0,)), ("rmdir", (0,)), ("rename", (0, 2))):
+    setattr(UnionOperations, _name, _changes_names(vars(UnionOperations)[_name], _parents))
 
 for _name, _fn in list(vars(UnionOperations).items()):
     if (
