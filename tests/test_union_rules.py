@@ -238,19 +238,6 @@ def test_wh_file_in_upper_hides_lowers(L3):
     assert not ent.found and ent.upper_whiteout
 
 
-def test_wh_file_in_upper_dir_with_no_lowers_is_not_looked_for(L3):
-    """Under a dir with no lower layer a .wh. file hides nothing: resolve does not
-    stat for it (one syscall less per create), and a new entry of the name wins."""
-    (L3.u / "new").mkdir()
-    mkfile(L3.u / "new" / ".wh.f")
-    ent = L3.layers.resolve(b"new", [], b"f")
-    assert not ent.found and not ent.upper_whiteout
-    mkfile(L3.u / "new" / "f", "real")
-    ent = L3.layers.resolve(b"new", [], b"f")
-    assert ent.found and ent.in_upper
-    assert L3.layers.listdir(b"new", []) == [b"f"]
-
-
 def test_wh_file_in_lower_hides_lower_layers(L3):
     mkfile(L3.l1 / ".wh.f")
     mkfile(L3.l2 / "f")

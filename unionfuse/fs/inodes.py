@@ -49,6 +49,7 @@ class Node:
         "dcache",
         "attrs",
         "fdh",
+        "own_key",
         "__weakref__",
     )
 
@@ -72,6 +73,9 @@ class Node:
         self.dcache = None  # dirs: the merged listing (operations.DirCache)
         self.attrs = None  # lower-only nodes: their (immutable) EntryAttributes
         self.fdh = None  # files, no-OPEN mode: the daemon's cached fd (operations.CachedFd)
+        # an upper object keyed by its own (st_dev, st_ino), known to have no origin
+        # record (made through the mount, or read without one): see _node_for
+        self.own_key = False
 
     # (an empty set is 216 bytes: most nodes never get a handle)
     def add_handle(self, h) -> None:

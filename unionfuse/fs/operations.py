@@ -464,19 +464,28 @@ class UnionOperations(pyfuse3.Operations):
         st = ent.st
         group = None
         key = (st.st_dev, st.st_ino)
+        own = False
         if ent.in_upper:
             # An upper object's origin record is written once, on the copy that copy-up
-            # makes: one already in the table under its own number has none.
+            # makes: a node keyed by this object's own number that was read with no
+            # record (or made through the mount) still has none.  (A node keyed so by
+            # another object's origin record does not count: own_key.)
             known = self.table.find(key)
-            if known is None or not known.in_upper or known.is_dir != ent.is_dir:
+            if known is not None and known.own_key and known.is_dir == ent.is_dir:
+                own = True
+            else:
                 origin = self._origin(self._up(join(ppath, name)))
                 if origin is not None:
                     key, group = origin
+                else:
+                    own = True
         else:
             group = self._group_name(ent)
         node = self.table.find(key)
         if node is None or node.is_dir != ent.is_dir:
             node = self.table.new(key, ent.is_dir)
+        if own:
+            node.own_key = True
         lowers = ent.lowers if (ent.is_dir or not ent.in_upper or not node.lowers) else node.lowers
         if lowers != node.lowers:
             node.attrs = None
@@ -950,6 +959,7 @@ class UnionOperations(pyfuse3.Operations):
         st = os.lstat(dst)
         node = self.table.new((st.st_dev, st.st_ino), is_dir)
         node.in_upper = True
+        node.own_key = True
         node.last_st = st
         self.table.add_alias(node, parent, name)
         node.lookups += 1
@@ -1134,11 +1144,20 @@ class UnionOperations(pyfuse3.Operations):
         self._pin_fd(node)
         self._remove_name(parent, ppath, name, ent)
         self.table.remove_alias(node, parent, name)
-        if not node.aliases and (node.index is None or self._nlink(node, self._stat(node)) == 0):
-            if not ent.in_upper or ent.st.st_nlink <= 1 or node.index is not None:
-                self.table.mark_deleted(node)
-                self._fp_sync(node)
+        if self._last_name_gone(node, ent):
+            self.table.mark_deleted(node)
+            self._fp_sync(node)
         self.table.maybe_drop(node)
+
+    def _last_name_gone(self, node: Node, ent: Entry) -> bool:
+        """After non-dir *node* lost the name *ent* was resolved from (unlink, or a
+        rename over it): was that its last link?  Not if the table knows other names,
+        its hard-link group still counts links, or the upper file had more links."""
+        if node.aliases:
+            return False
+        if node.index is not None:
+            return self._nlink(node, self._stat(node)) == 0
+        return not ent.in_upper or ent.st.st_nlink <= 1
 
     def _remove_name(self, parent: Node, ppath: bytes, name: bytes, ent: Entry) -> None:
         need_wh = bool(parent.lowers) and self.layers.lower_positive(parent.lowers, name)
@@ -1302,7 +1321,7 @@ class UnionOperations(pyfuse3.Operations):
             self._clear_oci_whiteout(newpath, name_new)
         if dnode is not None:
             self.table.remove_alias(dnode, pnew, name_new)
-            if dnode.is_dir or not dnode.aliases:
+            if dnode.is_dir or self._last_name_gone(dnode, dst):
                 self.table.mark_deleted(dnode)
                 self._fp_sync(dnode)
         self.table.remove_alias(snode, pold, name_old)

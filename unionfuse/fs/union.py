@@ -281,9 +281,10 @@ class Layers:
                     return ent
                 if meta.redirect:
                     override, relname = self._follow(meta.redirect, override, relname)
-            elif parent_lowers and self._wh_file(0, rel):
-                # (with no lower dir under this one a .wh. file hides nothing: not
-                # looked for; it stays behind a new entry of the name, which wins)
+            elif self._wh_file(0, rel):
+                # (also under a dir with no lower layer, where it hides nothing: found,
+                # it is cleared by the create or rename that takes the name, and a
+                # stale one beside a dir would make that dir opaque)
                 ent.upper_whiteout = True
                 return ent
         if self.cache is not None:
