@@ -9,6 +9,7 @@ Mount tests run with the fast path (plain READDIR on) and with UNIONFUSE_NO_FAST
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
@@ -152,33 +153,49 @@ def test_listing_while_the_dir_changes(dirs, mode, tmp_path):
         d.stop()
 
 
+@contextlib.contextmanager
+def tmpfs_at(p, size: str):
+    """A tmpfs mounted on *p* for the block, lazily unmounted after it."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(p)], check=True)
+    try:
+        yield p
+    finally:
+        if mount_entry(str(p)) is not None:
+            subprocess.run(["umount", "-l", str(p)], check=True)
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     p = tmp_path / "tfs"
     p.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(p)], check=True)
-    yield p
-    if mount_entry(str(p)) is not None:
-        subprocess.run(["umount", "-l", str(p)], check=True)
+    with tmpfs_at(p, "64m"):
+        yield p
+
+
+@contextlib.contextmanager
+def union_on_tmpfs(dirs, tmp_path, tmpfs, n):
+    """Layers l1, l2 (make_layers) on the tmpfs, the upper on disk, changed through the
+    mount (change_through): yields the mountpoint and the names expected in d."""
+    l1, l2 = tmpfs / "l1", tmpfs / "l2"
+    l1.mkdir()
+    l2.mkdir()
+    make_layers(l1, l2, n=n)
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [l1, l2], dirs["upper"], dirs["work"])
+    try:
+        yield mp, change_through(mp, n=n)
+    finally:
+        d.stop()
 
 
 def test_layers_on_another_filesystem(dirs, mode, tmp_path, tmpfs):
     """Layers off the upper's filesystem get private inode numbers: a listing shows the
     number that a later lookup gives (promised before the node exists)."""
-    l1, l2 = tmpfs / "l1", tmpfs / "l2"
-    l1.mkdir()
-    l2.mkdir()
-    make_layers(l1, l2, n=800)
-    mp = tmp_path / "m"
-    mp.mkdir()
-    d = start_daemon(mp, [l1, l2], dirs["upper"], dirs["work"])
-    try:
-        expected = change_through(mp, n=800)
+    with union_on_tmpfs(dirs, tmp_path, tmpfs, 800) as (mp, expected):
         check_listing(f"{mp}/d", expected)
         with os.scandir(f"{mp}/d") as it:
             assert all(e.inode() >= _PRIVATE_BASE for e in it if e.name.startswith("f0001"))
-    finally:
-        d.stop()
 
 
 def drop_dentries():
@@ -192,23 +209,13 @@ def test_numbers_kept_after_the_kernel_forgets(dirs, mode, tmp_path, tmpfs):
     """Private numbers (layers off the upper's filesystem) outlive the node: after the
     kernel forgets the inodes, a listing and a lookup still agree with each other and
     with what was shown before."""
-    l1, l2 = tmpfs / "l1", tmpfs / "l2"
-    l1.mkdir()
-    l2.mkdir()
-    make_layers(l1, l2, n=300)
-    mp = tmp_path / "m"
-    mp.mkdir()
-    d = start_daemon(mp, [l1, l2], dirs["upper"], dirs["work"])
-    try:
-        expected = change_through(mp, n=300)
+    with union_on_tmpfs(dirs, tmp_path, tmpfs, 300) as (mp, expected):
         check_listing(f"{mp}/d", expected)
         before = {e.name: e.inode() for e in os.scandir(f"{mp}/d")}
         for _ in range(2):
             drop_dentries()
             check_listing(f"{mp}/d", expected)
             assert {e.name: e.inode() for e in os.scandir(f"{mp}/d")} == before
-    finally:
-        d.stop()
 
 
 @pytest.fixture
@@ -216,11 +223,9 @@ def nested_mount(dirs):
     """A tmpfs mounted on a dir inside lower layer l2 (a mount point in a layer)."""
     p = dirs["l2"] / "d" / "mnt"
     p.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(p)], check=True)
-    put(p / "inside", b"i")
-    yield p
-    if mount_entry(str(p)) is not None:
-        subprocess.run(["umount", "-l", str(p)], check=True)
+    with tmpfs_at(p, "1m"):
+        put(p / "inside", b"i")
+        yield p
 
 
 def test_mount_point_inside_a_layer(dirs, mode, tmp_path, nested_mount):

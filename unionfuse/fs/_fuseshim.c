@@ -757,35 +757,23 @@ static PyObject *py_fp_get(PyObject *self, PyObject *args)
 
 static PyObject *py_fp_stats(PyObject *self, PyObject *noargs)
 {
+    static const char *const loop_names[2] = {"in_loop", "handed_back"};
     PyObject *d = PyDict_New();
     if (!d)
         return NULL;
-    for (int i = 0; i < FPS_N; i++) {
-        PyObject *v = PyLong_FromUnsignedLongLong(fp_stats[i]);
-        if (!v || PyDict_SetItemString(d, fp_stat_names[i], v) < 0) {
+    for (int i = 0; i < FPS_N + 3; i++) {
+        unsigned long long n = i < FPS_N      ? fp_stats[i]
+                               : i < FPS_N + 2 ? loop_stats[i - FPS_N]
+                                               : (unsigned long long)fp_live;
+        const char *name = i < FPS_N ? fp_stat_names[i] : i < FPS_N + 2 ? loop_names[i - FPS_N] : "entries";
+        PyObject *v = PyLong_FromUnsignedLongLong(n);
+        if (!v || PyDict_SetItemString(d, name, v) < 0) {
             Py_XDECREF(v);
             Py_DECREF(d);
             return NULL;
         }
         Py_DECREF(v);
     }
-    const char *const loop_names[2] = {"in_loop", "handed_back"};
-    for (int i = 0; i < 2; i++) {
-        PyObject *v = PyLong_FromUnsignedLongLong(loop_stats[i]);
-        if (!v || PyDict_SetItemString(d, loop_names[i], v) < 0) {
-            Py_XDECREF(v);
-            Py_DECREF(d);
-            return NULL;
-        }
-        Py_DECREF(v);
-    }
-    PyObject *v = PyLong_FromSize_t(fp_live);
-    if (!v || PyDict_SetItemString(d, "entries", v) < 0) {
-        Py_XDECREF(v);
-        Py_DECREF(d);
-        return NULL;
-    }
-    Py_DECREF(v);
     return d;
 }
 

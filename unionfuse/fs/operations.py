@@ -465,6 +465,7 @@ class UnionOperations(pyfuse3.Operations):
         group = None
         key = (st.st_dev, st.st_ino)
         own = False
+        known = None
         if ent.in_upper:
             # An upper object's origin record is written once, on the copy that copy-up
             # makes: a node keyed by this object's own number that was read with no
@@ -474,6 +475,7 @@ class UnionOperations(pyfuse3.Operations):
             if known is not None and known.own_key and known.is_dir == ent.is_dir:
                 own = True
             else:
+                known = None
                 origin = self._origin(self._up(join(ppath, name)))
                 if origin is not None:
                     key, group = origin
@@ -481,7 +483,7 @@ class UnionOperations(pyfuse3.Operations):
                     own = True
         else:
             group = self._group_name(ent)
-        node = self.table.find(key)
+        node = known or self.table.find(key)  # (known: found under this key already)
         if node is None or node.is_dir != ent.is_dir:
             node = self.table.new(key, ent.is_dir)
         if own:
