@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ast
 import errno
+import fcntl
 import os
 import signal
 import stat
 import struct
 import subprocess
+import termios
 import time
 
 import pytest
@@ -248,6 +250,35 @@ def test_daemon_idle_in_fast_wait_stops_at_once_on_sigterm(lay, tmp_path, last):
     assert stats["in_loop"] > 0, stats
     if last == "c":
         assert stats["read"] > 0, stats
+
+
+@pytest.mark.parametrize("spin", [0, 100])
+def test_waits_spin_only_when_asked(lay, tmp_path, spin):
+    """-o spin=US: the daemon polls for up to US microseconds before it sleeps, so
+    requests that follow each other closely are read by a wait that never slept;
+    spin=0 sleeps in every wait.  (IOCTLs: each one a request answered in C.)"""
+    mp = tmp_path / "m"
+    mp.mkdir()
+    d = start_daemon(mp, [lay["l1"], lay["l2"]], lay["upper"], lay["work"],
+                     extra=("--debug", "-o", f"spin={spin}"))
+    try:
+        fd = os.open(f"{mp}/low", os.O_RDONLY)
+        try:
+            for _ in range(300):
+                with pytest.raises(OSError) as ei:
+                    fcntl.ioctl(fd, termios.TCGETS, bytes(64))
+                assert ei.value.errno == errno.ENOTTY
+        finally:
+            os.close(fd)
+        assert read(f"{mp}/low") == b"lower data\n"
+    finally:
+        d.stop()
+    stats = answered_in_c(d)
+    assert stats["in_loop"] >= 250, stats
+    if spin:
+        assert stats["spin_caught"] > 0, stats
+    else:
+        assert stats["spin_caught"] == 0 and stats["slept"] > 0, stats
 
 
 def dir_attrs(st: os.stat_result):

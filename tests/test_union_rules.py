@@ -706,6 +706,21 @@ def test_apply_options_unknown(opt):
     assert opt in ei.value.message
 
 
+def test_apply_options_spin():
+    spec = _spec()
+    assert spec.spin_us == 100  # the default
+    apply_options(spec, ["spin=0"])
+    assert spec.spin_us == 0
+    apply_options(spec, ["spin=250"])
+    assert spec.spin_us == 250
+
+
+@pytest.mark.parametrize("value", ["", "x", "-1", "1.5", "100001"])
+def test_apply_options_bad_spin(value):
+    with pytest.raises(UsageError, match="spin"):
+        apply_options(_spec(), [f"spin={value}"])
+
+
 def test_apply_options_bad_timeout():
     with pytest.raises(UsageError, match="timeout"):
         apply_options(_spec(), ["timeout=soon"])

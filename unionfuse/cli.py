@@ -57,7 +57,8 @@ def build_parser(with_commands: bool = True, only: str | None = None) -> argpars
     m.add_argument("--work", metavar="DIR", help="scratch dir on the upper's filesystem")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                    help="overlay-style options: lowerdir=L1:L2,upperdir=U,workdir=W,"
-                   "whiteout=overlay|oci,timeout=SECONDS, and mount flags (ro, nosuid, ...)")
+                   "whiteout=overlay|oci,timeout=SECONDS,spin=MICROSECONDS (poll before sleeping, "
+                   "default 100, 0 off), and mount flags (ro, nosuid, ...)")
     m.add_argument("--whiteout", choices=("overlay", "oci"),
                    help="whiteout form to write (default: overlay if mknod works, else oci)")
     m.add_argument("--timeout", type=float, metavar="SECONDS",

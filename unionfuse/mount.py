@@ -33,6 +33,11 @@ PASS_FLAGS = {
 IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner"}
 
 
+# How long the daemon polls for the next request before it sleeps (microseconds; see
+# set_spin in fs/_fuseshim.c).  Mount option spin=US; 0 turns it off.
+SPIN_US = 100
+
+
 @dataclass
 class MountSpec:
     mountpoint: str
@@ -42,6 +47,7 @@ class MountSpec:
     whiteout: str | None = None
     fuse_flags: list[str] = field(default_factory=list)
     timeout: float = 60.0
+    spin_us: int = SPIN_US
 
     @property
     def read_only(self) -> bool:
@@ -124,6 +130,13 @@ def apply_options(spec: MountSpec, opts: list[str]) -> None:
                 spec.timeout = float(value)
             except ValueError:
                 raise UsageError(f"bad timeout value: {value!r}") from None
+        elif key == "spin":
+            try:
+                spec.spin_us = int(value)
+            except ValueError:
+                spec.spin_us = -1
+            if not 0 <= spec.spin_us <= 100000:
+                raise UsageError(f"bad spin value: {value!r} (microseconds, 0 to 100000)")
         elif key in PASS_FLAGS and not eq:
             if key != "rw":
                 spec.fuse_flags.append(key)
@@ -328,6 +341,8 @@ def serve(spec: MountSpec) -> int:
             if shim is not None and shim.fp_enable(ops.timeout, ops.readdir_plain):
                 ops.fastpath = shim
                 log.debug("C fast path on")
+            if ops.fastpath is not None:
+                ops.fastpath.set_spin(spec.spin_us)
             if fastwait.install(pyfuse3, ops.fastpath):
                 log.debug("fast wait for requests installed")
             _tune_gc()

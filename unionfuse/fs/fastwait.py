@@ -22,7 +22,9 @@ What else could need the trio loop, and how it is noticed:
 
 With the C fast path on, fs/_fuseshim.c also runs a C serve loop by the same rules: a
 request it answers in C is followed by the next wait in C, and only a request that
-needs Python comes back up here.
+needs Python comes back up here.  Both waits then use the shim's spinning poll
+(``wait``/``set_spin``): a request that comes within the spin window is read without
+the thread ever going to sleep.
 
 pyfuse3 looks ``_wait_fuse_readable`` up in its module globals on every call, so
 :func:`install` replaces it; the original keeps doing the trio wait (with pyfuse3's read
@@ -108,9 +110,25 @@ def install(pyfuse3, shim=None) -> bool:
         _shim = shim
         shim.loop_busy(_busy > 0)
         log.debug("C serve loop on")
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    poller.register(wake, select.POLLIN)
+    if shim is not None and hasattr(shim, "wait"):
+        spin_wait = shim.wait  # spins before it sleeps (set_spin), as the C loop does
+
+        def wait_fd() -> bool:
+            return spin_wait(fd, wake, IDLE_MS)
+    else:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+
+        def wait_fd() -> bool:
+            try:
+                ready = poller.poll(IDLE_MS)
+            except OSError as e:
+                if e.errno != errno.EINTR:
+                    raise
+                return False
+            return len(ready) == 1 and ready[0][0] == fd and not ready[0][1] & ~select.POLLIN
+
     count = 0
 
     async def _wait_fuse_readable():
@@ -119,13 +137,7 @@ def install(pyfuse3, shim=None) -> bool:
             count = 0
             return await original()
         count += 1
-        try:
-            ready = poller.poll(IDLE_MS)
-        except OSError as e:
-            if e.errno != errno.EINTR:
-                raise
-            ready = ()
-        if len(ready) == 1 and ready[0][0] == fd and not ready[0][1] & ~select.POLLIN:
+        if wait_fd():
             return True
         count = 0
         return await original()
