@@ -177,12 +177,14 @@ def mount(impl: str, data: str, scratch: str) -> Mounted:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_mounted(mnt, proc)
         return Mounted(impl, mnt, pid=proc.pid, proc=proc, scratch=scratch, cpu0=_cpu(proc.pid))
-    if impl == "unionfuse":
+    if impl in ("unionfuse", "unionfuse-nopt"):
         from unionfuse.mount import LOG_FILE_ENV, READY_FD_ENV
 
         r, w = os.pipe()
         env = dict(os.environ, **{READY_FD_ENV: str(w), LOG_FILE_ENV: os.path.join(scratch, "log")})
         argv = [sys.executable, "-m", "unionfuse", "mount", "--foreground"]
+        if impl == "unionfuse-nopt":  # A/B: without FUSE passthrough
+            argv += ["-o", "nopassthrough"]
         for low in lowers:
             argv += ["--lower", low]
         proc = subprocess.Popen(argv + ["--upper", up, "--work", work, mnt], pass_fds=(w,), env=env,
@@ -518,7 +520,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     ap.add_argument("--repeat", type=int, help="repeats per scenario (default 3; 1 with --quick)")
-    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--impls", default=",".join(IMPLS),
+                    help="comma-separated; also unionfuse-nopt (unionfuse -o nopassthrough)")
     ap.add_argument("--scenarios", help="comma-separated subset")
     ap.add_argument("--workdir", default="/var/tmp/unionfuse-bench", help="data set and scratch")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")

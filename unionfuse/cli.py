@@ -58,7 +58,7 @@ def build_parser(with_commands: bool = True, only: str | None = None) -> argpars
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                    help="overlay-style options: lowerdir=L1:L2,upperdir=U,workdir=W,"
                    "whiteout=overlay|oci,timeout=SECONDS,spin=MICROSECONDS (poll before sleeping, "
-                   "default 100, 0 off), and mount flags (ro, nosuid, ...)")
+                   "default 100, 0 off), nopassthrough, and mount flags (ro, nosuid, ...)")
     m.add_argument("--whiteout", choices=("overlay", "oci"),
                    help="whiteout form to write (default: overlay if mknod works, else oci)")
     m.add_argument("--timeout", type=float, metavar="SECONDS",
@@ -159,8 +159,12 @@ def _spec_argv(spec: mountmod.MountSpec, debug: bool) -> list[str]:
     if spec.whiteout:
         argv += ["--whiteout", spec.whiteout]
     argv += ["--timeout", str(spec.timeout)]
-    if spec.fuse_flags:
-        argv += ["-o", ",".join(spec.fuse_flags)]
+    opts = list(spec.fuse_flags)
+    if spec.spin_us != mountmod.SPIN_US:
+        opts.append(f"spin={spec.spin_us}")
+    opts.append("passthrough" if spec.passthrough else "nopassthrough")
+    if opts:
+        argv += ["-o", ",".join(opts)]
     if debug:
         argv.append("--debug")
     argv.append(os.path.abspath(spec.mountpoint))

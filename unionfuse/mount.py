@@ -48,6 +48,7 @@ class MountSpec:
     fuse_flags: list[str] = field(default_factory=list)
     timeout: float = 60.0
     spin_us: int = SPIN_US
+    passthrough: bool = True
 
     @property
     def read_only(self) -> bool:
@@ -130,6 +131,8 @@ def apply_options(spec: MountSpec, opts: list[str]) -> None:
                 spec.timeout = float(value)
             except ValueError:
                 raise UsageError(f"bad timeout value: {value!r}") from None
+        elif key in ("passthrough", "nopassthrough") and not eq:
+            spec.passthrough = key == "passthrough"
         elif key == "spin":
             try:
                 spec.spin_us = int(value)
@@ -219,7 +222,7 @@ NO_FASTPATH_ENV = "UNIONFUSE_NO_FASTPATH"  # A/B: keep the shim, answer everythi
 SHIM_MODULE = "unionfuse.fs._fuseshim"
 
 
-def _load_fuse_shim(force: bool = False):
+def _load_fuse_shim(force: bool = False, spec: MountSpec | None = None):
     """Load fs/_fuseshim globally so pyfuse3, imported next, binds to its
     fuse_session_new (see the C source).  None if unavailable, off or too late.
     *force*: load it even if this process is told not to use it (the zygote: each
@@ -249,19 +252,45 @@ def _load_fuse_shim(force: bool = False):
         flags |= shim.NO_OPEN
         if os.environ.get(NO_FASTPATH_ENV) != "1":
             flags |= shim.FASTPATH  # needs NO_OPEN: it serves the daemon's cached fds
-    shim.configure(flags)
+            if spec is not None and spec.passthrough and _has_cap(21):  # CAP_SYS_ADMIN
+                flags |= shim.PASSTHROUGH
+    shim.configure(flags, _stack_depth(spec) if spec is not None else 1)
     return shim
 
 
-def _has_dac_override() -> bool:
+# statfs f_type of filesystems that stack on others (a backing file there is one level
+# deeper): overlayfs, FUSE, ecryptfs
+_STACKED_FS = {0x794C7630, 0x65735546, 0xF15F}
+
+
+def _stack_depth(spec: MountSpec) -> int:
+    """max_stack_depth to announce for passthrough: 2 if a layer sits on a stacked
+    filesystem, else 1 (which still lets an overlayfs be mounted over this mount)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    buf = ctypes.create_string_buffer(120)  # struct statfs; f_type is its first long
+    for d in [*spec.lowers, *([spec.upper] if spec.upper else [])]:
+        if libc.statfs(os.fsencode(d), buf) == 0 and \
+                ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF in _STACKED_FS:
+            return 2
+    return 1
+
+
+def _has_cap(bit: int) -> bool:
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) & (1 << 1))  # CAP_DAC_OVERRIDE
+                    return bool(int(line.split()[1], 16) & (1 << bit))
     except (OSError, ValueError):
         pass
     return False
+
+
+def _has_dac_override() -> bool:
+    return _has_cap(1)  # CAP_DAC_OVERRIDE
 
 
 # The daemon holds one object per inode the kernel knows (tens of thousands) and
@@ -288,7 +317,7 @@ def _tune_gc() -> None:
 
 def serve(spec: MountSpec) -> int:
     """Mount and serve in this process until unmounted or signalled.  Returns 0."""
-    shim = _load_fuse_shim()
+    shim = _load_fuse_shim(spec=spec)
     import pyfuse3
     import trio
 

@@ -23,6 +23,8 @@
  *    close cost no round trip).  READ/WRITE/FSYNC/FLUSH/SETATTR arrive with fh 0 and get
  *    the tagged inode, as above; the daemon keeps one fd per inode.  atomic_o_trunc is
  *    turned off so open(O_TRUNC) still reaches the daemon (as SETATTR size=0).
+ *    With PASSTHROUGH (and a kernel that offers it) OPEN is not refused: see "FUSE
+ *    passthrough" below.
  *  - CACHE_SYMLINKS: readlink answers are cached by the kernel (symlinks never change
  *    in place; replacing one goes through us and drops the cache).
  *
@@ -60,7 +62,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -68,6 +72,7 @@
 #define SHIM_CACHE_SYMLINKS 2u
 #define SHIM_NO_OPEN 4u
 #define SHIM_FASTPATH 8u
+#define SHIM_PASSTHROUGH 16u
 
 /* what a fast-path table entry allows */
 #define FP_READ 1u    /* READ from fd */
@@ -79,6 +84,8 @@
 #define FP_NLINK1 64u /* GETATTR answers nlink 1 (a merged directory) */
 #define FP_UPPERONLY 128u /* a directory whose names all come from its fd's dir (no
                            * lower layer): a name missing there is a negative LOOKUP */
+#define FP_CACHED_OPEN 256u /* (passthrough on) a read-only OPEN of this file is answered
+                             * here without a backing file: the kernel caches its pages */
 
 #define INO_TAG (1ULL << 63) /* above every inode number (private ones start at 1<<62) */
 
@@ -95,101 +102,303 @@ static int splice_write_on;          /* FUSE_CAP_SPLICE_WRITE granted */
 static PyObject *rd_cb;              /* the daemon's plain-READDIR answerer (fp_enable) */
 static int rd_plain_on;              /* FUSE_CAP_READDIRPLUS_AUTO wanted and granted */
 
-/* -- fast-path table: ino -> (fd, flags), open addressing, ino 0 = empty ---------- */
+/* -- tables keyed by inode: open addressing, ino 0 = empty ------------------------- */
 
+struct tab {
+    char *t;
+    size_t esz;  /* entry size; every entry starts with its uint64_t ino */
+    size_t cap;  /* power of two, or 0 */
+    size_t used; /* live + tombstones */
+    size_t live;
+};
+
+#define TAB_TOMB UINT64_MAX
+#define TAB_INO(tb, i) (*(uint64_t *)((tb)->t + (i) * (tb)->esz))
+
+static inline size_t tab_hash(uint64_t ino)
+{
+    return (size_t)((ino * 0x9E3779B97F4A7C15ULL) >> 17);
+}
+
+static void *tab_get(struct tab *tb, uint64_t ino)
+{
+    if (!tb->live || ino == 0 || ino == TAB_TOMB)
+        return NULL;
+    size_t mask = tb->cap - 1;
+    for (size_t i = tab_hash(ino) & mask;; i = (i + 1) & mask) {
+        uint64_t k = TAB_INO(tb, i);
+        if (k == ino)
+            return tb->t + i * tb->esz;
+        if (k == 0)
+            return NULL;
+    }
+}
+
+static int tab_grow(struct tab *tb)
+{
+    size_t ncap = tb->cap ? tb->cap : 256;
+    while ((tb->live + 1) * 2 > ncap)
+        ncap *= 2;
+    char *nt = calloc(ncap, tb->esz);
+    if (!nt)
+        return -1;
+    for (size_t j = 0; j < tb->cap; j++) {
+        uint64_t ino = TAB_INO(tb, j);
+        if (ino == 0 || ino == TAB_TOMB)
+            continue;
+        size_t i = tab_hash(ino) & (ncap - 1);
+        while (*(uint64_t *)(nt + i * tb->esz))
+            i = (i + 1) & (ncap - 1);
+        memcpy(nt + i * tb->esz, tb->t + j * tb->esz, tb->esz);
+    }
+    free(tb->t);
+    tb->t = nt;
+    tb->cap = ncap;
+    tb->used = tb->live;
+    return 0;
+}
+
+/* the entry for *ino*, added (zeroed but for ino) if missing; NULL: out of memory */
+static void *tab_put(struct tab *tb, uint64_t ino)
+{
+    void *e = tab_get(tb, ino);
+    if (e)
+        return e;
+    if ((tb->used + 1) * 4 > tb->cap * 3 && tab_grow(tb) < 0)
+        return NULL;
+    size_t mask = tb->cap - 1;
+    size_t i = tab_hash(ino) & mask;
+    while (TAB_INO(tb, i) != 0 && TAB_INO(tb, i) != TAB_TOMB)
+        i = (i + 1) & mask;
+    if (TAB_INO(tb, i) == 0)
+        tb->used++;
+    memset(tb->t + i * tb->esz, 0, tb->esz);
+    TAB_INO(tb, i) = ino;
+    tb->live++;
+    return tb->t + i * tb->esz;
+}
+
+static void tab_del(struct tab *tb, void *e)
+{
+    memset(e, 0, tb->esz);
+    *(uint64_t *)e = TAB_TOMB;
+    tb->live--;
+}
+
+/* fast-path table: ino -> (fd, flags) */
 struct fp_ent {
     uint64_t ino;
     int fd;
     unsigned int flags;
 };
 
-#define FP_TOMB UINT64_MAX
 enum { FPS_READ, FPS_WRITE, FPS_GETATTR, FPS_SETATTR, FPS_GETXATTR, FPS_RELEASE, FPS_READDIR,
-       FPS_LOOKUP, FPS_N };
+       FPS_LOOKUP, FPS_OPEN, FPS_N };
 static const char *const fp_stat_names[FPS_N] = {"read", "write", "getattr", "setattr",
-                                                 "getxattr", "release", "readdir", "lookup"};
+                                                 "getxattr", "release", "readdir", "lookup",
+                                                 "open"};
 static unsigned long long fp_stats[FPS_N];
-static struct fp_ent *fp_tab;
-static size_t fp_cap;  /* power of two, or 0 */
-static size_t fp_used; /* live + tombstones */
-static size_t fp_live;
+static struct tab fp_tab = {NULL, sizeof(struct fp_ent), 0, 0, 0};
 static int fp_on;      /* the daemon enabled it (fp_enable) */
 static double fp_timeout = 1.0;
 
-static inline size_t fp_hash(uint64_t ino)
+static inline struct fp_ent *fp_get(uint64_t ino)
 {
-    return (size_t)((ino * 0x9E3779B97F4A7C15ULL) >> 17);
-}
-
-static struct fp_ent *fp_get(uint64_t ino)
-{
-    if (!fp_live || ino == 0 || ino == FP_TOMB)
-        return NULL;
-    size_t mask = fp_cap - 1;
-    for (size_t i = fp_hash(ino) & mask;; i = (i + 1) & mask) {
-        struct fp_ent *e = &fp_tab[i];
-        if (e->ino == ino)
-            return e;
-        if (e->ino == 0)
-            return NULL;
-    }
-}
-
-static int fp_grow(void)
-{
-    size_t ncap = fp_cap ? fp_cap : 256;
-    while ((fp_live + 1) * 2 > ncap)
-        ncap *= 2;
-    struct fp_ent *nt = calloc(ncap, sizeof(*nt));
-    if (!nt)
-        return -1;
-    for (size_t j = 0; j < fp_cap; j++) {
-        uint64_t ino = fp_tab[j].ino;
-        if (ino == 0 || ino == FP_TOMB)
-            continue;
-        size_t i = fp_hash(ino) & (ncap - 1);
-        while (nt[i].ino)
-            i = (i + 1) & (ncap - 1);
-        nt[i] = fp_tab[j];
-    }
-    free(fp_tab);
-    fp_tab = nt;
-    fp_cap = ncap;
-    fp_used = fp_live;
-    return 0;
+    return tab_get(&fp_tab, ino);
 }
 
 static int fp_put(uint64_t ino, int fd, unsigned int flags)
 {
-    struct fp_ent *e = fp_get(ino);
-    if (e) {
-        e->fd = fd;
-        e->flags = flags;
-        return 0;
-    }
-    if ((fp_used + 1) * 4 > fp_cap * 3 && fp_grow() < 0)
+    struct fp_ent *e = tab_put(&fp_tab, ino);
+    if (!e)
         return -1;
-    size_t mask = fp_cap - 1;
-    size_t i = fp_hash(ino) & mask;
-    while (fp_tab[i].ino != 0 && fp_tab[i].ino != FP_TOMB)
-        i = (i + 1) & mask;
-    if (fp_tab[i].ino == 0)
-        fp_used++;
-    fp_tab[i].ino = ino;
-    fp_tab[i].fd = fd;
-    fp_tab[i].flags = flags;
-    fp_live++;
+    e->fd = fd;
+    e->flags = flags;
     return 0;
 }
 
 static void fp_del(uint64_t ino)
 {
     struct fp_ent *e = fp_get(ino);
-    if (e) {
-        e->ino = FP_TOMB;
-        e->fd = -1;
-        e->flags = 0;
-        fp_live--;
+    if (e)
+        tab_del(&fp_tab, e);
+}
+
+/* -- FUSE passthrough ----------------------------------------------------------------
+ *
+ * With passthrough (Linux 6.9+, CAP_SYS_ADMIN) the kernel reads and writes an open file's
+ * backing file itself: no READ/WRITE request, and the page cache is the backing file's
+ * own (shared with every other mount of the same layer).  libfuse 3.14 knows nothing of
+ * it, so: the INIT reply is amended on its way out (custom io below: FUSE_PASSTHROUGH,
+ * max_stack_depth, and no writeback cache, which the kernel does not combine with it);
+ * the daemon registers backing files by fd (backing_open) and tells us which one an inode
+ * uses (pt_set); and every OPEN/CREATE reply for a tagged fh gets FOPEN_PASSTHROUGH and
+ * that backing id on its way out.
+ *
+ * The kernel's rule: all files open on one inode use the same backing file (or none).
+ * So we count the opens per inode (open replies sent, RELEASEs seen) and, while there
+ * are any, answer later opens with the backing they use (open_bid), even if the daemon
+ * has moved the inode to another one since (a copy-up while a reader had the lower file
+ * open): such a file gets FOPEN_DIRECT_IO too, so its reads and writes come to the
+ * daemon, which serves them from the new data.  The daemon refuses a write open in that
+ * state (it would have to write through the lower backing's mmap).  A backing id no
+ * longer current is closed at the last release of the files that use it. */
+
+#define FOPEN_PASSTHROUGH_ (1u << 7)
+#define FUSE_PASSTHROUGH_FLAGS2 (1u << 5) /* FUSE_PASSTHROUGH is bit 37 of the flags */
+#define FUSE_INIT_EXT_ (1u << 30)
+#define FUSE_WRITEBACK_CACHE_ (1u << 16)
+struct fuse_backing_map_ {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define FUSE_DEV_IOC_BACKING_OPEN_ _IOW(229, 1, struct fuse_backing_map_)
+#define FUSE_DEV_IOC_BACKING_CLOSE_ _IOW(229, 2, uint32_t)
+
+struct pt_ent {
+    uint64_t ino;
+    int32_t bid;      /* the backing id the daemon set for the inode (0: none) */
+    int32_t open_bid; /* the one its open files use (while opens > 0) */
+    int32_t opens;    /* open replies sent minus RELEASEs seen */
+    int32_t pad;
+};
+static struct tab pt_tab = {NULL, sizeof(struct pt_ent), 0, 0, 0};
+static int pt_wanted;       /* configure() asked for it */
+static int pt_offered;      /* the kernel's INIT offered FUSE_PASSTHROUGH */
+static int pt_going;        /* INIT is being answered with it (set in shim_init) */
+static int pt_on;           /* our INIT reply accepted it */
+static int pt_depth = 1;    /* max_stack_depth we announce */
+static int pt_fd = -1;      /* the session's /dev/fuse fd */
+static uint64_t init_unique;
+static int init_pending;
+static unsigned long long pt_stats[3]; /* opens answered with a backing; of them direct_io; ids closed */
+
+#define PT_PENDING 256
+static struct {
+    uint64_t unique;
+    uint32_t opcode;
+} pt_pending[PT_PENDING];
+static int pt_npending;
+
+static void pt_close_id(int32_t id)
+{
+    uint32_t u = (uint32_t)id;
+    if (id > 0 && pt_fd >= 0 && ioctl(pt_fd, FUSE_DEV_IOC_BACKING_CLOSE_, &u) == 0)
+        pt_stats[2]++;
+}
+
+/* an open reply for a tagged fh is on its way: pick its backing and count it */
+static void pt_patch_open(struct fuse_open_out *o)
+{
+    if (!(o->fh & INO_TAG))
+        return;
+    struct pt_ent *e = tab_put(&pt_tab, o->fh & ~INO_TAG);
+    if (!e)
+        return;
+    int32_t id = e->opens > 0 ? e->open_bid : e->bid;
+    if (id > 0) {
+        /* the kernel takes no other flag with it (keep_cache: the backing file's cache
+         * is the one used) */
+        o->open_flags = (o->open_flags & FOPEN_DIRECT_IO) | FOPEN_PASSTHROUGH_;
+        if (id != e->bid) {
+            o->open_flags |= FOPEN_DIRECT_IO;
+            pt_stats[1]++;
+        }
+        o->padding = (uint32_t)id; /* backing_id */
+        pt_stats[0]++;
+    }
+    if (e->opens == 0)
+        e->open_bid = id;
+    e->opens++;
+}
+
+static void pt_unopen(uint64_t ino)
+{
+    struct pt_ent *e = tab_get(&pt_tab, ino);
+    if (!e || e->opens <= 0)
+        return;
+    if (--e->opens == 0) {
+        if (e->open_bid > 0 && e->open_bid != e->bid)
+            pt_close_id(e->open_bid);
+        e->open_bid = 0;
+    }
+}
+
+static ssize_t io_read(int fd, void *buf, size_t len, void *ud)
+{
+    (void)ud;
+    return read(fd, buf, len);
+}
+
+static ssize_t io_splice(int fdin, off_t *offin, int fdout, off_t *offout, size_t len,
+                         unsigned int flags, void *ud)
+{
+    (void)ud;
+    return splice(fdin, offin, fdout, offout, len, flags);
+}
+
+static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud)
+{
+    (void)ud;
+    struct fuse_out_header *oh = count >= 1 && iov[0].iov_len == sizeof(*oh) ? iov[0].iov_base : NULL;
+    struct fuse_open_out *opened = NULL;
+    if (oh && init_pending && oh->unique == init_unique) {
+        init_pending = 0;
+        if (oh->error == 0 && count >= 2 && iov[1].iov_len >= 40 && pt_wanted && pt_offered) {
+            char *b = iov[1].iov_base; /* struct fuse_init_out */
+            uint32_t flags, flags2;
+            memcpy(&flags, b + 12, 4);
+            memcpy(&flags2, b + 32, 4);
+            flags = (flags | FUSE_INIT_EXT_) & ~FUSE_WRITEBACK_CACHE_;
+            flags2 |= FUSE_PASSTHROUGH_FLAGS2;
+            uint32_t depth = (uint32_t)pt_depth;
+            memcpy(b + 12, &flags, 4);
+            memcpy(b + 32, &flags2, 4);
+            memcpy(b + 36, &depth, 4);
+            pt_on = 1;
+        }
+    } else if (oh && pt_npending) {
+        for (int i = 0; i < pt_npending; i++) {
+            if (pt_pending[i].unique != oh->unique)
+                continue;
+            uint32_t op = pt_pending[i].opcode;
+            pt_pending[i] = pt_pending[--pt_npending];
+            size_t at = op == FUSE_CREATE ? sizeof(struct fuse_entry_out) : 0;
+            if (oh->error == 0 && count == 2 && iov[1].iov_len == at + sizeof(struct fuse_open_out)) {
+                opened = (struct fuse_open_out *)((char *)iov[1].iov_base + at);
+                pt_patch_open(opened);
+            }
+            break;
+        }
+    }
+    ssize_t r = writev(fd, iov, count);
+    if (r < 0 && opened && (opened->fh & INO_TAG)) /* the kernel took no open: no RELEASE */
+        pt_unopen(opened->fh & ~INO_TAG);
+    return r;
+}
+
+/* a request was read: note what the replies to it will need */
+static void pt_note_request(struct fuse_session *se, const struct fuse_buf *buf, int res)
+{
+    if ((buf->flags & FUSE_BUF_IS_FD) || (size_t)res < sizeof(struct fuse_in_header))
+        return;
+    const struct fuse_in_header *in = buf->mem;
+    if (in->opcode == FUSE_INIT && (size_t)res >= sizeof(*in) + 16) {
+        const char *a = (const char *)(in + 1); /* struct fuse_init_in */
+        uint32_t flags = 0, flags2 = 0;
+        memcpy(&flags, a + 12, 4);
+        if ((flags & FUSE_INIT_EXT_) && (size_t)res >= sizeof(*in) + 20)
+            memcpy(&flags2, a + 16, 4);
+        pt_offered = !!(flags2 & FUSE_PASSTHROUGH_FLAGS2);
+        init_unique = in->unique;
+        init_pending = 1;
+        pt_fd = fuse_session_fd(se);
+    } else if (pt_on && (in->opcode == FUSE_OPEN || in->opcode == FUSE_CREATE) &&
+               pt_npending < PT_PENDING) {
+        pt_pending[pt_npending].unique = in->unique;
+        pt_pending[pt_npending].opcode = in->opcode;
+        pt_npending++;
     }
 }
 
@@ -250,7 +459,9 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
 {
     kernel_no_opendir = opendir_wrapped && (want_flags & SHIM_NO_OPENDIR) &&
                         (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT);
-    kernel_no_open = open_wrapped && (want_flags & SHIM_NO_OPEN) &&
+    /* passthrough needs OPEN: each open file is given its backing file in the reply */
+    pt_going = pt_wanted && pt_offered && open_wrapped && (want_flags & SHIM_FASTPATH);
+    kernel_no_open = open_wrapped && (want_flags & SHIM_NO_OPEN) && !pt_going &&
                      (conn->capable & FUSE_CAP_NO_OPEN_SUPPORT);
     /* Without OPEN nobody would truncate for open(O_TRUNC) under atomic_o_trunc: let the
      * kernel send it as SETATTR(size=0) instead. */
@@ -277,6 +488,12 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
         real_ops.init(userdata, conn);
     if (rd_plain_on)
         conn->want |= FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO;
+    if (pt_going) { /* (the INIT reply is amended again on its way out: io_writev) */
+        conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+        /* O_TRUNC comes with the OPEN: a lower file is then copied up without data */
+        if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC)
+            conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+    }
 }
 
 static void shim_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -304,6 +521,27 @@ static void shim_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     if (kernel_no_open) {
         open_enosys_sent = 1;
         fuse_reply_err(req, ENOSYS);
+        return;
+    }
+    if (pt_on && fp_on) {
+        /* an inode whose backing the daemon has set, on an fd that allows the access:
+         * the reply is the one Python would send (the backing is added in io_writev) */
+        struct pt_ent *e = tab_get(&pt_tab, ino);
+        struct fp_ent *f = fp_get(ino);
+        int acc = fi->flags & O_ACCMODE;
+        int backed = e && e->bid > 0 && (e->opens == 0 || e->open_bid == e->bid) && f &&
+                     (f->flags & (acc == O_RDONLY ? FP_READ : FP_WRITE));
+        int cached = !backed && acc == O_RDONLY && f && (f->flags & FP_CACHED_OPEN) &&
+                     !(e && e->opens > 0 && e->open_bid > 0);
+        if ((backed || cached) && !(fi->flags & O_TRUNC)) {
+            fi->fh = (uint64_t)ino | INO_TAG;
+            fi->keep_cache = cached;
+            fi->direct_io = 0;
+            fp_stats[FPS_OPEN]++;
+            fuse_reply_open(req, fi);
+            return;
+        }
+        TO_PYTHON(req, real_ops.open(req, ino, fi));
         return;
     }
     real_ops.open(req, ino, fi);
@@ -366,7 +604,10 @@ static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
 {
     tag_fh(ino, fi);
     if (fp_on && fi && fi->fh == ((uint64_t)ino | INO_TAG)) {
-        /* a file created while the kernel does not open: the daemon holds no handle */
+        /* a file opened on the daemon's cached fd (or created while the kernel does
+         * not open): the daemon holds no handle of its own */
+        if (pt_on)
+            pt_unopen(ino);
         fp_stats[FPS_RELEASE]++;
         fuse_reply_err(req, 0);
         return;
@@ -597,6 +838,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         c_try[FUSE_WRITE] = our_ops.write_buf == shim_write_buf;
         c_try[FUSE_READDIR] = our_ops.readdir == shim_readdir;
         c_try[FUSE_IOCTL] = !our_ops.ioctl; /* libfuse answers ENOSYS itself */
+        c_try[FUSE_OPEN] = our_ops.open == shim_open && (want_flags & SHIM_PASSTHROUGH);
     }
     interposed = 1;
     return real_new(args, &our_ops, sizeof(our_ops), userdata);
@@ -688,7 +930,18 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
         if (!real_receive)
             return -ENOSYS;
     }
+    static int io_set;
+    if (!io_set) {
+        io_set = 1;
+        if (pt_wanted) { /* before INIT is read: its reply is amended in io_writev */
+            static const struct fuse_custom_io io = {io_writev, io_read, io_splice, io_splice};
+            if (fuse_session_custom_io(se, &io, fuse_session_fd(se)) != 0)
+                pt_wanted = 0;
+        }
+    }
     int res = real_receive(se, buf);
+    if (res > 0)
+        pt_note_request(se, buf, res);
     for (int n = 0; res > 0 && loop_on && real_process && !loop_busy; n++) {
         const struct fuse_in_header *in = buf->mem;
         if ((buf->flags & FUSE_BUF_IS_FD) || (size_t)res < sizeof(*in) || in->opcode >= 64 ||
@@ -708,6 +961,8 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
             return -EINTR;    /* pyfuse3's loop waits again */
         }
         res = real_receive(se, buf);
+        if (res > 0)
+            pt_note_request(se, buf, res);
     }
     return res;
 }
@@ -717,15 +972,25 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
 static PyObject *py_configure(PyObject *self, PyObject *args)
 {
     unsigned int flags;
-    if (!PyArg_ParseTuple(args, "I", &flags))
+    int depth = 1;
+    if (!PyArg_ParseTuple(args, "I|i", &flags, &depth))
         return NULL;
+    if (depth < 1 || depth > 2) {
+        PyErr_SetString(PyExc_ValueError, "stack depth must be 1 or 2");
+        return NULL;
+    }
     want_flags = flags;
+    pt_wanted = !!(flags & SHIM_PASSTHROUGH);
+    pt_depth = depth;
     Py_RETURN_NONE;
 }
 
 static PyObject *py_status(PyObject *self, PyObject *noargs)
 {
-    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
+    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}",
+                         "passthrough", (pt_on || pt_going) ? Py_True : Py_False,
+                         "passthrough_wanted", pt_wanted ? Py_True : Py_False,
+                         "passthrough_offered", pt_offered ? Py_True : Py_False,
                          "fastpath", fp_on ? Py_True : Py_False,
                          "readdir_plain", rd_plain_on ? Py_True : Py_False,
                          "splice_write", splice_write_on ? Py_True : Py_False,
@@ -767,7 +1032,7 @@ static PyObject *py_fp_set(PyObject *self, PyObject *args)
     unsigned int flags;
     if (!PyArg_ParseTuple(args, "KiI", &ino, &fd, &flags))
         return NULL;
-    if (ino == 0 || ino == FP_TOMB || (ino & INO_TAG) || fd < 0) {
+    if (ino == 0 || ino == TAB_TOMB || (ino & INO_TAG) || fd < 0) {
         PyErr_SetString(PyExc_ValueError, "bad inode or fd");
         return NULL;
     }
@@ -802,16 +1067,18 @@ static PyObject *py_fp_get(PyObject *self, PyObject *args)
 
 static PyObject *py_fp_stats(PyObject *self, PyObject *noargs)
 {
-    static const char *const loop_names[4] = {"in_loop", "handed_back", "spin_caught", "slept"};
+    static const char *const loop_names[7] = {"in_loop", "handed_back", "spin_caught", "slept",
+                                              "pt_opens", "pt_direct_io", "pt_ids_closed"};
     PyObject *d = PyDict_New();
     if (!d)
         return NULL;
-    for (int i = 0; i < FPS_N + 5; i++) {
+    for (int i = 0; i < FPS_N + 8; i++) {
         unsigned long long n = i < FPS_N      ? fp_stats[i]
                                : i < FPS_N + 2 ? loop_stats[i - FPS_N]
                                : i < FPS_N + 4 ? spin_stats[i - FPS_N - 2]
-                                               : (unsigned long long)fp_live;
-        const char *name = i < FPS_N ? fp_stat_names[i] : i < FPS_N + 4 ? loop_names[i - FPS_N] : "entries";
+                               : i < FPS_N + 7 ? pt_stats[i - FPS_N - 4]
+                                               : (unsigned long long)fp_tab.live;
+        const char *name = i < FPS_N ? fp_stat_names[i] : i < FPS_N + 7 ? loop_names[i - FPS_N] : "entries";
         PyObject *v = PyLong_FromUnsignedLongLong(n);
         if (!v || PyDict_SetItemString(d, name, v) < 0) {
             Py_XDECREF(v);
@@ -863,6 +1130,83 @@ static PyObject *py_set_spin(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_backing_open(PyObject *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    if (!pt_on || pt_fd < 0) {
+        errno = EOPNOTSUPP;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    struct fuse_backing_map_ map = {fd, 0, 0};
+    int id = ioctl(pt_fd, FUSE_DEV_IOC_BACKING_OPEN_, &map);
+    if (id < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(id);
+}
+
+static struct pt_ent *pt_arg(PyObject *args)
+{
+    unsigned long long ino;
+    if (!PyArg_ParseTuple(args, "K", &ino))
+        return NULL;
+    PyErr_Clear();
+    return tab_get(&pt_tab, ino);
+}
+
+static PyObject *py_pt_set(PyObject *self, PyObject *args)
+{
+    unsigned long long ino;
+    int bid;
+    if (!PyArg_ParseTuple(args, "Ki", &ino, &bid))
+        return NULL;
+    struct pt_ent *e = tab_put(&pt_tab, ino);
+    if (!e)
+        return PyErr_NoMemory();
+    e->bid = bid;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_pt_state(PyObject *self, PyObject *args)
+{
+    struct pt_ent *e = pt_arg(args);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!e)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(iii)", e->bid, e->open_bid, e->opens);
+}
+
+/* the inode's data moved (copy-up): its backing is no longer current */
+static PyObject *py_pt_retire(PyObject *self, PyObject *args)
+{
+    struct pt_ent *e = pt_arg(args);
+    if (PyErr_Occurred())
+        return NULL;
+    if (e && e->bid > 0) {
+        if (!(e->opens > 0 && e->open_bid == e->bid))
+            pt_close_id(e->bid); /* else closed at the last release (pt_unopen) */
+        e->bid = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+/* the kernel forgot the inode: no file is open on it */
+static PyObject *py_pt_drop(PyObject *self, PyObject *args)
+{
+    struct pt_ent *e = pt_arg(args);
+    if (PyErr_Occurred())
+        return NULL;
+    if (e) {
+        pt_close_id(e->bid);
+        if (e->open_bid != e->bid)
+            pt_close_id(e->open_bid);
+        tab_del(&pt_tab, e);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_loop_take_yield(PyObject *self, PyObject *noargs)
 {
     int y = loop_yielded;
@@ -895,6 +1239,13 @@ static PyMethodDef methods[] = {
      "spins first, as the C serve loop does (set_spin)"},
     {"set_spin", py_set_spin, METH_VARARGS,
      "set_spin(us): poll without sleeping for up to us microseconds before each wait (0: off)"},
+    {"backing_open", py_backing_open, METH_VARARGS,
+     "backing_open(fd) -> backing id for passthrough (OSError if refused)"},
+    {"pt_set", py_pt_set, METH_VARARGS, "pt_set(ino, bid): the backing id opens of ino get"},
+    {"pt_state", py_pt_state, METH_VARARGS, "pt_state(ino) -> (bid, open_bid, opens) or None"},
+    {"pt_retire", py_pt_retire, METH_VARARGS,
+     "pt_retire(ino): its data moved; its backing id is closed once no file uses it"},
+    {"pt_drop", py_pt_drop, METH_VARARGS, "pt_drop(ino): the kernel forgot ino"},
     {"loop_busy", py_loop_busy, METH_VARARGS, "loop_busy(flag): threads are running: let trio wait"},
     {"loop_take_yield", py_loop_take_yield, METH_NOARGS,
      "loop_take_yield() -> bool: the C loop returned to give trio a turn (and clears that)"},
@@ -917,6 +1268,7 @@ PyMODINIT_FUNC PyInit__fuseshim(void)
     PyModule_AddIntConstant(m, "CACHE_SYMLINKS", SHIM_CACHE_SYMLINKS);
     PyModule_AddIntConstant(m, "NO_OPEN", SHIM_NO_OPEN);
     PyModule_AddIntConstant(m, "FASTPATH", SHIM_FASTPATH);
+    PyModule_AddIntConstant(m, "PASSTHROUGH", SHIM_PASSTHROUGH);
     PyModule_AddIntConstant(m, "FP_READ", FP_READ);
     PyModule_AddIntConstant(m, "FP_WRITE", FP_WRITE);
     PyModule_AddIntConstant(m, "FP_ATTR", FP_ATTR);
@@ -925,6 +1277,7 @@ PyMODINIT_FUNC PyInit__fuseshim(void)
     PyModule_AddIntConstant(m, "FP_NLINK0", FP_NLINK0);
     PyModule_AddIntConstant(m, "FP_NLINK1", FP_NLINK1);
     PyModule_AddIntConstant(m, "FP_UPPERONLY", FP_UPPERONLY);
+    PyModule_AddIntConstant(m, "FP_CACHED_OPEN", FP_CACHED_OPEN);
     PyModule_AddObject(m, "INO_TAG", PyLong_FromUnsignedLongLong(INO_TAG));
     return m;
 }

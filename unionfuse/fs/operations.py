@@ -55,6 +55,7 @@ CAPS_XATTR = b"security.capability"
 FP_READ, FP_WRITE, FP_ATTR, FP_SETATTR, FP_NOCAPS = 1, 2, 4, 8, 16
 FP_NLINK0, FP_NLINK1 = 32, 64  # GETATTR answers nlink 0 (unlinked) / 1 (merged dir)
 FP_UPPERONLY = 128  # a dir with no lower layer: C answers the negative LOOKUPs
+FP_CACHED_OPEN = 256  # passthrough on: C answers a read-only OPEN without a backing file
 INO_TAG = 1 << 63  # above every inode number (inodes.py: private ones start at 1 << 62)
 INO_MASK = INO_TAG - 1
 
@@ -240,6 +241,10 @@ class UnionOperations(pyfuse3.Operations):
         self.handles: dict[int, Handle | DirHandle] = {}
         # no-OPEN mode (set in init() from the shim): files have a CachedFd, not handles
         self.no_open = False
+        # passthrough (set in init()): OPEN comes, and is answered with the node's
+        # cached fd registered as the kernel's backing file (fs/_fuseshim.c)
+        self.passthrough = False
+        self._pt_refused = False  # the kernel refused a backing file: stop asking
         self._fd_lru: dict[int, Node] = {}  # ino -> node with an unpinned CachedFd
         self._fd_max = _fd_budget()
         # fast path (fs/_fuseshim.c) for directories' GETATTR: ino -> O_PATH fd on the
@@ -601,6 +606,8 @@ class UnionOperations(pyfuse3.Operations):
             self._fp_sync(node)  # in_upper may be set already (a group's alias failed)
             raise
         log.debug("copied up %r (%d bytes)", src, st.st_size if data else 0)
+        if self.passthrough:
+            self.fastpath.pt_retire(node.ino)  # the lower file is no longer its data
         try:
             self._reopen_handles(node)
         finally:
@@ -732,6 +739,12 @@ class UnionOperations(pyfuse3.Operations):
         node.drop_handle(h)
         if self.fastpath is not None:
             self.fastpath.fp_clear(node.ino)
+            if self.passthrough:
+                st = self.fastpath.pt_state(node.ino)
+                if st is not None and st[2] == 0:
+                    # no file open: the backing goes with the fd (while files are open
+                    # it stays the inode's: later opens must share it)
+                    self.fastpath.pt_retire(node.ino)
         os.close(h.fd)
         self._drop_orphan(node)
         self.table.maybe_drop(node)
@@ -765,6 +778,8 @@ class UnionOperations(pyfuse3.Operations):
         elif not (node.in_upper or h.upper or node.deleted) and node.index is None \
                 and node.orphan is None:
             flags |= FP_ATTR  # a lower file: immutable, its attrs are its own
+        if self.passthrough and self.rw and not node.in_upper:
+            flags |= FP_CACHED_OPEN  # read-only opens of a lower file (_pt_backing)
         fp.fp_set(node.ino, h.fd, flags)
 
     def _dir_fp_add(self, node: Node) -> None:
@@ -986,11 +1001,17 @@ class UnionOperations(pyfuse3.Operations):
     def init(self):
         shim = sys.modules.get("unionfuse.fs._fuseshim")
         st = shim.status() if shim is not None else {}
-        self.no_open = bool(st.get("no_open"))
-        on = [k for k in ("no_opendir", "no_open", "cache_symlinks", "splice_write",
-                          "readdir_plain")
+        self.passthrough = bool(st.get("passthrough")) and self.fastpath is not None
+        # passthrough keeps no-OPEN's model: one cached fd per file, fh = tagged inode
+        self.no_open = bool(st.get("no_open")) or self.passthrough
+        on = [k for k in ("no_opendir", "no_open", "passthrough", "cache_symlinks",
+                          "splice_write", "readdir_plain")
               if st.get(k)]
         log.info("kernel caching: attrs, entries, data%s%s", ", " if on else "", ", ".join(on))
+        if st.get("passthrough_wanted") and not self.passthrough:
+            log.info("passthrough not offered by the kernel (needs Linux 6.9+ with "
+                     "CONFIG_FUSE_PASSTHROUGH)" if not st.get("passthrough_offered") else
+                     "passthrough not in use")
 
     async def lookup(self, parent_inode, name, ctx):
         parent = self._node(parent_inode)
@@ -1022,6 +1043,8 @@ class UnionOperations(pyfuse3.Operations):
                 node = by_ino.get(ino)
                 self.table.forget(ino, n)
                 if node is not None and node.lookups == 0:
+                    if self.passthrough:
+                        self.fastpath.pt_drop(ino)
                     if node.fdh is not None:
                         self._close_fd(node)  # the kernel has no file open on it any more
                     elif node.is_dir:
@@ -1125,7 +1148,12 @@ class UnionOperations(pyfuse3.Operations):
             # no RELEASE will come for this open: the fd becomes the node's cached one
             # (a new file has no file capabilities: the kernel asks before each write)
             self._cache_fd(node, fd, True, nocaps=True)
-            return pyfuse3.FileInfo(fh=0, keep_cache=True), self._entry(node, node.last_st)
+            if self.passthrough:
+                self._pt_backing(node)
+                fi = pyfuse3.FileInfo(fh=node.ino | INO_TAG, keep_cache=True)
+            else:
+                fi = pyfuse3.FileInfo(fh=0, keep_cache=True)
+            return fi, self._entry(node, node.last_st)
         fh = self._add_handle(Handle(fd, node, True))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node)
 
@@ -1400,8 +1428,50 @@ class UnionOperations(pyfuse3.Operations):
             h.node.add_handle(h)
         return fh
 
+    def _pt_backing(self, node: Node) -> None:
+        """Give *node* a backing file (its cached fd) unless it has one: the shim adds
+        it to the open replies for the node (FOPEN_PASSTHROUGH)."""
+        fp = self.fastpath
+        st = fp.pt_state(node.ino)
+        if (st is not None and st[0] > 0) or self._pt_refused or node.fdh is None:
+            return
+        if self.rw and not node.in_upper:
+            # A lower file may be copied up while it is open, and files opened before
+            # must then read the new data (as on overlayfs); a passthrough open would
+            # go on reading the lower file.  So lower files stay in the kernel's cache
+            # of this mount (and the daemon's READs), unless nothing can be copied up.
+            return
+        try:
+            bid = fp.backing_open(node.fdh.fd)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                self._pt_refused = True
+                log.warning("passthrough refused by the kernel (%s): files are read "
+                            "and written through the daemon", e.strerror)
+            else:  # e.g. ELOOP: a layer too deeply stacked for it
+                log.debug("no backing file for %r: %s", node.path(), e)
+            return
+        fp.pt_set(node.ino, bid)
+
+    async def _open_passthrough(self, node: Node, flags: int):
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        if flags & os.O_TRUNC:  # (atomic_o_trunc: the kernel leaves it to us)
+            self._check_rw()
+            if not node.in_upper:
+                await self._copy_up(node, data=False)
+            os.ftruncate(await self._file_fd(node, True), 0)
+        else:
+            await self._file_fd(node, flags & os.O_ACCMODE != os.O_RDONLY)  # copied up for a write
+        self._pt_backing(node)
+        # (with a backing file the shim drops keep_cache; without one, an upper file's
+        # pages in this mount's cache may predate writes made through a backing file)
+        return pyfuse3.FileInfo(fh=node.ino | INO_TAG, keep_cache=not node.in_upper)
+
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
+        if self.passthrough:
+            return await self._open_passthrough(node, flags)
         acc = flags & os.O_ACCMODE
         if acc != os.O_RDONLY or flags & os.O_TRUNC:
             self._check_rw()
