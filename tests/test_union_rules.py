@@ -721,6 +721,34 @@ def test_apply_options_bad_spin(value):
         apply_options(_spec(), [f"spin={value}"])
 
 
+def test_apply_options_passthrough():
+    spec = _spec()
+    assert spec.passthrough is None  # auto
+    apply_options(spec, ["nopassthrough"])
+    assert spec.passthrough is False
+    apply_options(spec, ["passthrough"])
+    assert spec.passthrough is True
+    with pytest.raises(UsageError):
+        apply_options(spec, ["passthrough=1"])
+
+
+@pytest.mark.parametrize("asked,cap,initial_ns,depth,want", [
+    (None, True, True, 1, True),
+    (None, True, True, 2, False),   # a layer on overlayfs: off unless asked for
+    (True, True, True, 2, True),
+    (False, True, True, 1, False),
+    (None, False, True, 1, False),  # no CAP_SYS_ADMIN
+    (True, True, False, 1, False),  # root of a user namespace: the kernel would refuse
+])
+def test_passthrough_is_asked_for_only_where_the_kernel_grants_it(monkeypatch, asked, cap,
+                                                                   initial_ns, depth, want):
+    from unionfuse import mount
+
+    monkeypatch.setattr(mount, "_has_cap", lambda bit: cap)
+    monkeypatch.setattr(mount, "_initial_userns", lambda: initial_ns)
+    assert mount._want_passthrough(_spec(passthrough=asked), depth) is want
+
+
 def test_apply_options_bad_timeout():
     with pytest.raises(UsageError, match="timeout"):
         apply_options(_spec(), ["timeout=soon"])

@@ -162,7 +162,8 @@ def _spec_argv(spec: mountmod.MountSpec, debug: bool) -> list[str]:
     opts = list(spec.fuse_flags)
     if spec.spin_us != mountmod.SPIN_US:
         opts.append(f"spin={spec.spin_us}")
-    opts.append("passthrough" if spec.passthrough else "nopassthrough")
+    if spec.passthrough is not None:
+        opts.append("passthrough" if spec.passthrough else "nopassthrough")
     if opts:
         argv += ["-o", ",".join(opts)]
     if debug:

@@ -48,7 +48,7 @@ class MountSpec:
     fuse_flags: list[str] = field(default_factory=list)
     timeout: float = 60.0
     spin_us: int = SPIN_US
-    passthrough: bool = True
+    passthrough: bool | None = None  # None: where it costs nothing else (_want_passthrough)
 
     @property
     def read_only(self) -> bool:
@@ -131,7 +131,7 @@ def apply_options(spec: MountSpec, opts: list[str]) -> None:
                 spec.timeout = float(value)
             except ValueError:
                 raise UsageError(f"bad timeout value: {value!r}") from None
-        elif key in ("passthrough", "nopassthrough") and not eq:
+        elif key in ("passthrough", "nopassthrough") and not eq:  # (default: auto)
             spec.passthrough = key == "passthrough"
         elif key == "spin":
             try:
@@ -241,7 +241,7 @@ def _load_fuse_shim(force: bool = False, spec: MountSpec | None = None):
         try:
             from .fs import _fuseshim as shim
         except ImportError as e:
-            log.debug("kernel caching shim not available: %s", e)
+            log.warning("kernel caching shim not available (%s): the daemon runs slower", e)
             return None
         finally:
             sys.setdlopenflags(flags)
@@ -252,10 +252,32 @@ def _load_fuse_shim(force: bool = False, spec: MountSpec | None = None):
         flags |= shim.NO_OPEN
         if os.environ.get(NO_FASTPATH_ENV) != "1":
             flags |= shim.FASTPATH  # needs NO_OPEN: it serves the daemon's cached fds
-            if spec is not None and spec.passthrough and _has_cap(21):  # CAP_SYS_ADMIN
+            depth = _stack_depth(spec) if spec is not None else 1
+            if spec is not None and _want_passthrough(spec, depth):
                 flags |= shim.PASSTHROUGH
-    shim.configure(flags, _stack_depth(spec) if spec is not None else 1)
+                shim.configure(flags, depth)
+                return shim
+    shim.configure(flags)
     return shim
+
+
+def _want_passthrough(spec: MountSpec, depth: int) -> bool:
+    """FUSE passthrough needs CAP_SYS_ADMIN in the initial user namespace (the kernel
+    refuses backing files to anyone else, and asking for it would only cost this mount
+    its no-OPEN mode).  By default it is also left off when a layer sits on a stacked
+    filesystem: this mount would then count as two levels deep, and no overlayfs could
+    be mounted over it."""
+    if spec.passthrough is False or not _has_cap(21) or not _initial_userns():
+        return False
+    return spec.passthrough is True or depth == 1
+
+
+def _initial_userns() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
 
 
 # statfs f_type of filesystems that stack on others (a backing file there is one level

@@ -237,12 +237,13 @@ static void fp_del(uint64_t ino)
  *
  * The kernel's rule: all files open on one inode use the same backing file (or none).
  * So we count the opens per inode (open replies sent, RELEASEs seen) and, while there
- * are any, answer later opens with the backing they use (open_bid), even if the daemon
- * has moved the inode to another one since (a copy-up while a reader had the lower file
- * open): such a file gets FOPEN_DIRECT_IO too, so its reads and writes come to the
- * daemon, which serves them from the new data.  The daemon refuses a write open in that
- * state (it would have to write through the lower backing's mmap).  A backing id no
- * longer current is closed at the last release of the files that use it. */
+ * are any, answer later opens with the backing they use (open_bid), or none if they use
+ * none (the daemon gives lower files of a writable mount no backing: see operations.py
+ * _pt_backing).  Should the daemon have moved an inode with open files to another
+ * backing (it does not: only upper files, which are never copied up again, and files of
+ * read-only mounts get one), later opens would keep the old one with FOPEN_DIRECT_IO, so
+ * that their reads and writes still come to the daemon.  A backing id no longer current
+ * is closed at the last release of the files that use it. */
 
 #define FOPEN_PASSTHROUGH_ (1u << 7)
 #define FUSE_PASSTHROUGH_FLAGS2 (1u << 5) /* FUSE_PASSTHROUGH is bit 37 of the flags */
@@ -270,16 +271,17 @@ static int pt_going;        /* INIT is being answered with it (set in shim_init)
 static int pt_on;           /* our INIT reply accepted it */
 static int pt_depth = 1;    /* max_stack_depth we announce */
 static int pt_fd = -1;      /* the session's /dev/fuse fd */
+static struct fuse_session *pt_se;
 static uint64_t init_unique;
 static int init_pending;
 static unsigned long long pt_stats[3]; /* opens answered with a backing; of them direct_io; ids closed */
 
-#define PT_PENDING 256
-static struct {
+struct pt_pend {
     uint64_t unique;
     uint32_t opcode;
-} pt_pending[PT_PENDING];
-static int pt_npending;
+};
+static struct pt_pend *pt_pending; /* OPEN/CREATE requests read and not yet answered */
+static int pt_npending, pt_cpending;
 
 static void pt_close_id(int32_t id)
 {
@@ -305,7 +307,8 @@ static void pt_patch_open(struct fuse_open_out *o)
             o->open_flags |= FOPEN_DIRECT_IO;
             pt_stats[1]++;
         }
-        o->padding = (uint32_t)id; /* backing_id */
+        /* backing_id: the field after open_flags ("padding" in headers before 6.9) */
+        memcpy((char *)o + 12, &id, sizeof(id));
         pt_stats[0]++;
     }
     if (e->opens == 0)
@@ -394,8 +397,16 @@ static void pt_note_request(struct fuse_session *se, const struct fuse_buf *buf,
         init_unique = in->unique;
         init_pending = 1;
         pt_fd = fuse_session_fd(se);
-    } else if (pt_on && (in->opcode == FUSE_OPEN || in->opcode == FUSE_CREATE) &&
-               pt_npending < PT_PENDING) {
+        pt_se = se;
+    } else if (pt_on && (in->opcode == FUSE_OPEN || in->opcode == FUSE_CREATE)) {
+        if (pt_npending == pt_cpending) {
+            int ncap = pt_cpending ? 2 * pt_cpending : 16;
+            struct pt_pend *np = realloc(pt_pending, (size_t)ncap * sizeof(*np));
+            if (!np)
+                return; /* answered without a backing; see pt_patch_open's caller */
+            pt_pending = np;
+            pt_cpending = ncap;
+        }
         pt_pending[pt_npending].unique = in->unique;
         pt_pending[pt_npending].opcode = in->opcode;
         pt_npending++;
@@ -541,10 +552,8 @@ static void shim_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
             fuse_reply_open(req, fi);
             return;
         }
-        TO_PYTHON(req, real_ops.open(req, ino, fi));
-        return;
     }
-    real_ops.open(req, ino, fi);
+    TO_PYTHON(req, real_ops.open(req, ino, fi));
 }
 
 static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -606,8 +615,14 @@ static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     if (fp_on && fi && fi->fh == ((uint64_t)ino | INO_TAG)) {
         /* a file opened on the daemon's cached fd (or created while the kernel does
          * not open): the daemon holds no handle of its own */
-        if (pt_on)
+        if (pt_on) {
             pt_unopen(ino);
+            /* writes through a shared mapping of a backing file change its mtime
+             * without telling this inode: drop its cached attributes when the file
+             * that could write is closed */
+            if ((fi->flags & O_ACCMODE) != O_RDONLY && pt_se)
+                fuse_lowlevel_notify_inval_inode(pt_se, ino, -1, 0);
+        }
         fp_stats[FPS_RELEASE]++;
         fuse_reply_err(req, 0);
         return;

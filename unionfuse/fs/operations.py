@@ -675,6 +675,7 @@ class UnionOperations(pyfuse3.Operations):
             os.dup2(fd, h.fd)
             os.close(fd)
             h.writable = writable
+            h.upper = node.in_upper
             self._fp_sync(node)
             return h.fd
         self._cache_fd(node, fd, writable)
@@ -1435,16 +1436,18 @@ class UnionOperations(pyfuse3.Operations):
         st = fp.pt_state(node.ino)
         if (st is not None and st[0] > 0) or self._pt_refused or node.fdh is None:
             return
-        if self.rw and not node.in_upper:
+        if self.rw and not (node.in_upper and node.fdh.upper):
             # A lower file may be copied up while it is open, and files opened before
             # must then read the new data (as on overlayfs); a passthrough open would
             # go on reading the lower file.  So lower files stay in the kernel's cache
             # of this mount (and the daemon's READs), unless nothing can be copied up.
+            # (The fd too must be on the upper file: the kernel would open its path for
+            # writing.)
             return
         try:
             bid = fp.backing_open(node.fdh.fd)
         except OSError as e:
-            if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+            if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTTY):
                 self._pt_refused = True
                 log.warning("passthrough refused by the kernel (%s): files are read "
                             "and written through the daemon", e.strerror)
