@@ -262,8 +262,13 @@ struct pt_ent {
     int32_t bid;      /* the backing id the daemon set for the inode (0: none) */
     int32_t open_bid; /* the one its open files use (while opens > 0) */
     int32_t opens;    /* open replies sent minus RELEASEs seen */
-    int32_t pad;
+    int32_t writers;  /* ...of them, opened for writing */
 };
+
+/* Writes through a shared mapping of a backing file change its mtime without the
+ * kernel updating this inode: while a file is open for writing, attributes are
+ * answered with this timeout instead of the mount's (see shim_getattr). */
+#define PT_WRITER_ATTR_TIMEOUT 1.0
 static struct tab pt_tab = {NULL, sizeof(struct pt_ent), 0, 0, 0};
 static int pt_wanted;       /* configure() asked for it */
 static int pt_offered;      /* the kernel's INIT offered FUSE_PASSTHROUGH */
@@ -271,7 +276,6 @@ static int pt_going;        /* INIT is being answered with it (set in shim_init)
 static int pt_on;           /* our INIT reply accepted it */
 static int pt_depth = 1;    /* max_stack_depth we announce */
 static int pt_fd = -1;      /* the session's /dev/fuse fd */
-static struct fuse_session *pt_se;
 static uint64_t init_unique;
 static int init_pending;
 static unsigned long long pt_stats[3]; /* opens answered with a backing; of them direct_io; ids closed */
@@ -279,6 +283,7 @@ static unsigned long long pt_stats[3]; /* opens answered with a backing; of them
 struct pt_pend {
     uint64_t unique;
     uint32_t opcode;
+    uint32_t flags; /* the open(2) flags */
 };
 static struct pt_pend *pt_pending; /* OPEN/CREATE requests read and not yet answered */
 static int pt_npending, pt_cpending;
@@ -291,7 +296,7 @@ static void pt_close_id(int32_t id)
 }
 
 /* an open reply for a tagged fh is on its way: pick its backing and count it */
-static void pt_patch_open(struct fuse_open_out *o)
+static void pt_patch_open(struct fuse_open_out *o, uint32_t flags)
 {
     if (!(o->fh & INO_TAG))
         return;
@@ -314,13 +319,17 @@ static void pt_patch_open(struct fuse_open_out *o)
     if (e->opens == 0)
         e->open_bid = id;
     e->opens++;
+    if ((flags & O_ACCMODE) != O_RDONLY)
+        e->writers++;
 }
 
-static void pt_unopen(uint64_t ino)
+static void pt_unopen(uint64_t ino, uint32_t flags)
 {
     struct pt_ent *e = tab_get(&pt_tab, ino);
     if (!e || e->opens <= 0)
         return;
+    if ((flags & O_ACCMODE) != O_RDONLY && e->writers > 0)
+        e->writers--;
     if (--e->opens == 0) {
         if (e->open_bid > 0 && e->open_bid != e->bid)
             pt_close_id(e->open_bid);
@@ -346,6 +355,7 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud)
     (void)ud;
     struct fuse_out_header *oh = count >= 1 && iov[0].iov_len == sizeof(*oh) ? iov[0].iov_base : NULL;
     struct fuse_open_out *opened = NULL;
+    uint32_t oflags = 0;
     if (oh && init_pending && oh->unique == init_unique) {
         init_pending = 0;
         if (oh->error == 0 && count >= 2 && iov[1].iov_len >= 40 && pt_wanted && pt_offered) {
@@ -366,18 +376,19 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud)
             if (pt_pending[i].unique != oh->unique)
                 continue;
             uint32_t op = pt_pending[i].opcode;
+            oflags = pt_pending[i].flags;
             pt_pending[i] = pt_pending[--pt_npending];
             size_t at = op == FUSE_CREATE ? sizeof(struct fuse_entry_out) : 0;
             if (oh->error == 0 && count == 2 && iov[1].iov_len == at + sizeof(struct fuse_open_out)) {
                 opened = (struct fuse_open_out *)((char *)iov[1].iov_base + at);
-                pt_patch_open(opened);
+                pt_patch_open(opened, oflags);
             }
             break;
         }
     }
     ssize_t r = writev(fd, iov, count);
     if (r < 0 && opened && (opened->fh & INO_TAG)) /* the kernel took no open: no RELEASE */
-        pt_unopen(opened->fh & ~INO_TAG);
+        pt_unopen(opened->fh & ~INO_TAG, oflags);
     return r;
 }
 
@@ -397,7 +408,6 @@ static void pt_note_request(struct fuse_session *se, const struct fuse_buf *buf,
         init_unique = in->unique;
         init_pending = 1;
         pt_fd = fuse_session_fd(se);
-        pt_se = se;
     } else if (pt_on && (in->opcode == FUSE_OPEN || in->opcode == FUSE_CREATE)) {
         if (pt_npending == pt_cpending) {
             int ncap = pt_cpending ? 2 * pt_cpending : 16;
@@ -408,6 +418,9 @@ static void pt_note_request(struct fuse_session *se, const struct fuse_buf *buf,
             pt_cpending = ncap;
         }
         pt_pending[pt_npending].unique = in->unique;
+        pt_pending[pt_npending].flags = 0;
+        if ((size_t)res >= sizeof(*in) + 4) /* fuse_open_in / fuse_create_in: flags first */
+            memcpy(&pt_pending[pt_npending].flags, in + 1, 4);
         pt_pending[pt_npending].opcode = in->opcode;
         pt_npending++;
     }
@@ -615,14 +628,8 @@ static void shim_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     if (fp_on && fi && fi->fh == ((uint64_t)ino | INO_TAG)) {
         /* a file opened on the daemon's cached fd (or created while the kernel does
          * not open): the daemon holds no handle of its own */
-        if (pt_on) {
-            pt_unopen(ino);
-            /* writes through a shared mapping of a backing file change its mtime
-             * without telling this inode: drop its cached attributes when the file
-             * that could write is closed */
-            if ((fi->flags & O_ACCMODE) != O_RDONLY && pt_se)
-                fuse_lowlevel_notify_inval_inode(pt_se, ino, -1, 0);
-        }
+        if (pt_on)
+            pt_unopen(ino, (uint32_t)fi->flags);
         fp_stats[FPS_RELEASE]++;
         fuse_reply_err(req, 0);
         return;
@@ -650,6 +657,17 @@ static inline void fp_fix_attr(const struct fp_ent *e, fuse_ino_t ino, struct st
         st->st_nlink = 0;
     else if (e->flags & FP_NLINK1)
         st->st_nlink = 1;
+}
+
+/* the attribute timeout for *ino* (shorter while a file is open on it for writing) */
+static inline double fp_attr_timeout(fuse_ino_t ino)
+{
+    if (pt_on) {
+        struct pt_ent *e = tab_get(&pt_tab, ino);
+        if (e && e->writers > 0 && fp_timeout > PT_WRITER_ATTR_TIMEOUT)
+            return PT_WRITER_ATTR_TIMEOUT;
+    }
+    return fp_timeout;
 }
 
 static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
@@ -687,7 +705,7 @@ static void shim_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int 
             return;
         }
         fp_fix_attr(e, ino, &st);
-        fuse_reply_attr(req, &st, fp_timeout);
+        fuse_reply_attr(req, &st, fp_attr_timeout(ino));
         return;
     }
     TO_PYTHON(req, real_ops.setattr(req, ino, attr, to_set, fi));
@@ -700,7 +718,7 @@ static void shim_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     if (e && fstat(e->fd, &st) == 0) {
         fp_stats[FPS_GETATTR]++;
         fp_fix_attr(e, ino, &st);
-        fuse_reply_attr(req, &st, fp_timeout);
+        fuse_reply_attr(req, &st, fp_attr_timeout(ino));
         return;
     }
     TO_PYTHON(req, real_ops.getattr(req, ino, fi));
