@@ -185,6 +185,32 @@ def test_copy_up_on_write_keeps_metadata(mnt, layers):
     assert read(layers["l2"] / "suid") == b"#!/bin/sh\n"
 
 
+def test_copy_up_keeps_holes(dirs, mounts):
+    """A sparse lower file copied up takes the space of its data, not of its size."""
+    big = dirs["l2"] / "sparse"
+    with open(big, "wb") as f:
+        f.write(b"head")
+        f.seek(64 << 20)
+        f.write(b"tail")
+        f.seek(100 << 20)
+        f.truncate()  # a hole at the end too
+    if os.stat(big).st_blocks * 512 > 1 << 20:
+        pytest.skip("this filesystem does not keep holes")
+    m = mounts.union([dirs["l2"]], dirs["upper"], dirs["work"]).mountpoint
+    with open(f"{m}/sparse", "r+b") as f:
+        f.write(b"HE")
+    st = os.stat(dirs["upper"] / "sparse")
+    assert st.st_size == 100 << 20
+    assert st.st_blocks * 512 < 1 << 20, st.st_blocks
+    with open(f"{m}/sparse", "rb") as f:
+        assert f.read(4) == b"HEad"
+        f.seek(64 << 20)
+        assert f.read(6) == b"tail\0\0"
+        f.seek((100 << 20) - 4)
+        assert f.read() == b"\0" * 4
+    assert read(big)[:4] == b"head"
+
+
 def test_copy_up_preserves_times_until_changed(mnt, layers):
     os.setxattr(f"{mnt}/suid", "user.more", b"1")  # metadata-only copy-up
     st = os.lstat(up(layers, "suid"))

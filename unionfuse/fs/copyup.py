@@ -85,29 +85,57 @@ def copy_xattrs(src: bytes, dst: bytes) -> None:
                 raise
 
 
+def data_ranges(fd: int, size: int):
+    """(start, end) of the parts of a file that hold data (SEEK_DATA/SEEK_HOLE); the
+    whole file where the filesystem can't tell."""
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole from here on
+                return
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield off, size
+                return
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end <= start:
+            return
+        yield start, end
+        off = end
+
+
 def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy *size* bytes of a file into an empty one: a reflink if the filesystem has
+    them, else copy_file_range (or read/write) of the parts that hold data, so holes
+    stay holes."""
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
         return
     except OSError:
         pass
-    off = 0
+    ranges = list(data_ranges(src_fd, size))
     try:
-        while off < size:
-            n = os.copy_file_range(src_fd, dst_fd, size - off, off, off)
-            if n == 0:
-                break
-            off += n
-        return
+        for start, end in ranges:
+            off = start
+            while off < end:
+                n = os.copy_file_range(src_fd, dst_fd, end - off, off, off)
+                if n == 0:
+                    break
+                off += n
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
             raise
-    while True:
-        buf = os.pread(src_fd, 1 << 20, off)
-        if not buf:
-            break
-        os.pwrite(dst_fd, buf, off)
-        off += len(buf)
+        for start, end in ranges:
+            off = start
+            while off < end:
+                buf = os.pread(src_fd, min(1 << 20, end - off), off)
+                if not buf:
+                    break
+                os.pwrite(dst_fd, buf, off)
+                off += len(buf)
+    os.ftruncate(dst_fd, size)  # a hole at the end
 
 
 def set_meta(path: bytes, st: os.stat_result, src_for_xattrs: bytes | None) -> None:
