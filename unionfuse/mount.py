@@ -135,11 +135,12 @@ def apply_options(spec: MountSpec, opts: list[str]) -> None:
             spec.passthrough = key == "passthrough"
         elif key == "spin":
             try:
-                spec.spin_us = int(value)
+                us = int(value)
             except ValueError:
-                spec.spin_us = -1
-            if not 0 <= spec.spin_us <= 100000:
+                us = -1
+            if not 0 <= us <= 100000:
                 raise UsageError(f"bad spin value: {value!r} (microseconds, 0 to 100000)")
+            spec.spin_us = us
         elif key in PASS_FLAGS and not eq:
             if key != "rw":
                 spec.fuse_flags.append(key)
@@ -246,18 +247,18 @@ def _load_fuse_shim(force: bool = False, spec: MountSpec | None = None):
         finally:
             sys.setdlopenflags(flags)
     flags = shim.NO_OPENDIR | shim.CACHE_SYMLINKS
+    depth = 1  # max_stack_depth announced with passthrough
     if _has_dac_override():
         # Without OPEN the daemon opens files with its own rights, later: only when
         # those rights are not narrower than what the kernel already checked.
         flags |= shim.NO_OPEN
         if os.environ.get(NO_FASTPATH_ENV) != "1":
             flags |= shim.FASTPATH  # needs NO_OPEN: it serves the daemon's cached fds
-            depth = _stack_depth(spec) if spec is not None else 1
-            if spec is not None and _want_passthrough(spec, depth):
-                flags |= shim.PASSTHROUGH
-                shim.configure(flags, depth)
-                return shim
-    shim.configure(flags)
+            if spec is not None and spec.passthrough is not False:
+                depth = _stack_depth(spec)
+                if _want_passthrough(spec, depth):
+                    flags |= shim.PASSTHROUGH
+    shim.configure(flags, depth)
     return shim
 
 

@@ -239,11 +239,8 @@ static void fp_del(uint64_t ino)
  * So we count the opens per inode (open replies sent, RELEASEs seen) and, while there
  * are any, answer later opens with the backing they use (open_bid), or none if they use
  * none (the daemon gives lower files of a writable mount no backing: see operations.py
- * _pt_backing).  Should the daemon have moved an inode with open files to another
- * backing (it does not: only upper files, which are never copied up again, and files of
- * read-only mounts get one), later opens would keep the old one with FOPEN_DIRECT_IO, so
- * that their reads and writes still come to the daemon.  A backing id no longer current
- * is closed at the last release of the files that use it. */
+ * _pt_backing).  A backing id the daemon retires while files use it (pt_retire) is
+ * closed at the last release of those files. */
 
 #define FOPEN_PASSTHROUGH_ (1u << 7)
 #define FUSE_PASSTHROUGH_FLAGS2 (1u << 5) /* FUSE_PASSTHROUGH is bit 37 of the flags */
@@ -278,7 +275,7 @@ static int pt_depth = 1;    /* max_stack_depth we announce */
 static int pt_fd = -1;      /* the session's /dev/fuse fd */
 static uint64_t init_unique;
 static int init_pending;
-static unsigned long long pt_stats[3]; /* opens answered with a backing; of them direct_io; ids closed */
+static unsigned long long pt_stats[2]; /* opens answered with a backing; ids closed */
 
 struct pt_pend {
     uint64_t unique;
@@ -292,7 +289,7 @@ static void pt_close_id(int32_t id)
 {
     uint32_t u = (uint32_t)id;
     if (id > 0 && pt_fd >= 0 && ioctl(pt_fd, FUSE_DEV_IOC_BACKING_CLOSE_, &u) == 0)
-        pt_stats[2]++;
+        pt_stats[1]++;
 }
 
 /* an open reply for a tagged fh is on its way: pick its backing and count it */
@@ -308,10 +305,6 @@ static void pt_patch_open(struct fuse_open_out *o, uint32_t flags)
         /* the kernel takes no other flag with it (keep_cache: the backing file's cache
          * is the one used) */
         o->open_flags = (o->open_flags & FOPEN_DIRECT_IO) | FOPEN_PASSTHROUGH_;
-        if (id != e->bid) {
-            o->open_flags |= FOPEN_DIRECT_IO;
-            pt_stats[1]++;
-        }
         /* backing_id: the field after open_flags ("padding" in headers before 6.9) */
         memcpy((char *)o + 12, &id, sizeof(id));
         pt_stats[0]++;
@@ -358,7 +351,7 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *ud)
     uint32_t oflags = 0;
     if (oh && init_pending && oh->unique == init_unique) {
         init_pending = 0;
-        if (oh->error == 0 && count >= 2 && iov[1].iov_len >= 40 && pt_wanted && pt_offered) {
+        if (oh->error == 0 && count >= 2 && iov[1].iov_len >= 40 && pt_going) {
             char *b = iov[1].iov_base; /* struct fuse_init_out */
             uint32_t flags, flags2;
             memcpy(&flags, b + 12, 4);
@@ -1100,18 +1093,18 @@ static PyObject *py_fp_get(PyObject *self, PyObject *args)
 
 static PyObject *py_fp_stats(PyObject *self, PyObject *noargs)
 {
-    static const char *const loop_names[7] = {"in_loop", "handed_back", "spin_caught", "slept",
-                                              "pt_opens", "pt_direct_io", "pt_ids_closed"};
+    static const char *const loop_names[6] = {"in_loop", "handed_back", "spin_caught", "slept",
+                                              "pt_opens", "pt_ids_closed"};
     PyObject *d = PyDict_New();
     if (!d)
         return NULL;
-    for (int i = 0; i < FPS_N + 8; i++) {
+    for (int i = 0; i < FPS_N + 7; i++) {
         unsigned long long n = i < FPS_N      ? fp_stats[i]
                                : i < FPS_N + 2 ? loop_stats[i - FPS_N]
                                : i < FPS_N + 4 ? spin_stats[i - FPS_N - 2]
-                               : i < FPS_N + 7 ? pt_stats[i - FPS_N - 4]
+                               : i < FPS_N + 6 ? pt_stats[i - FPS_N - 4]
                                                : (unsigned long long)fp_tab.live;
-        const char *name = i < FPS_N ? fp_stat_names[i] : i < FPS_N + 7 ? loop_names[i - FPS_N] : "entries";
+        const char *name = i < FPS_N ? fp_stat_names[i] : i < FPS_N + 6 ? loop_names[i - FPS_N] : "entries";
         PyObject *v = PyLong_FromUnsignedLongLong(n);
         if (!v || PyDict_SetItemString(d, name, v) < 0) {
             Py_XDECREF(v);
@@ -1184,7 +1177,6 @@ static struct pt_ent *pt_arg(PyObject *args)
     unsigned long long ino;
     if (!PyArg_ParseTuple(args, "K", &ino))
         return NULL;
-    PyErr_Clear();
     return tab_get(&pt_tab, ino);
 }
 

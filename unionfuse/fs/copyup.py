@@ -116,25 +116,22 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
     except OSError:
         pass
     ranges = list(data_ranges(src_fd, size))
-    try:
+
+    def copy_ranges(copy) -> None:  # copy(off, n) -> bytes copied at off (0: at the end)
         for start, end in ranges:
             off = start
             while off < end:
-                n = os.copy_file_range(src_fd, dst_fd, end - off, off, off)
+                n = copy(off, end - off)
                 if n == 0:
                     break
                 off += n
+
+    try:
+        copy_ranges(lambda off, n: os.copy_file_range(src_fd, dst_fd, n, off, off))
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
             raise
-        for start, end in ranges:
-            off = start
-            while off < end:
-                buf = os.pread(src_fd, min(1 << 20, end - off), off)
-                if not buf:
-                    break
-                os.pwrite(dst_fd, buf, off)
-                off += len(buf)
+        copy_ranges(lambda off, n: os.pwrite(dst_fd, os.pread(src_fd, min(n, 1 << 20), off), off))
     os.ftruncate(dst_fd, size)  # a hole at the end
 
 

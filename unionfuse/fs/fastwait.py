@@ -110,7 +110,7 @@ def install(pyfuse3, shim=None) -> bool:
         _shim = shim
         shim.loop_busy(_busy > 0)
         log.debug("C serve loop on")
-    if shim is not None and hasattr(shim, "wait"):
+    if shim is not None:
         spin_wait = shim.wait  # spins before it sleeps (set_spin), as the C loop does
 
         def wait_fd() -> bool:

@@ -1457,8 +1457,6 @@ class UnionOperations(pyfuse3.Operations):
         fp.pt_set(node.ino, bid)
 
     async def _open_passthrough(self, node: Node, flags: int):
-        if node.is_dir:
-            raise _err(errno.EISDIR)
         if flags & os.O_TRUNC:  # (atomic_o_trunc: the kernel leaves it to us)
             self._check_rw()
             if not node.in_upper:
