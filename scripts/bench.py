@@ -415,10 +415,11 @@ CMD ["/app/hello"]
 
 def container_bench(base: str, repeat: int) -> dict:
     """`run --rm busybox true` and a small build (cold: --no-cache; fully cached) for
-    unionfuse and podman.  Each timed command gets one untimed warm-up run first (for
-    unionfuse that starts the zygote, see unionfuse/zygote.py); the run without a zygote
-    is timed too."""
-    out: dict = {}
+    unionfuse and podman, interleaved: every repeat runs each command once, in turn (this
+    machine's noise is larger than the differences).  Each command gets one untimed
+    warm-up run first (for unionfuse that starts the zygote, see unionfuse/zygote.py).
+    unionfuse runs with its default runtime (runc, podman's runtime here too) and with crun;
+    the run without a zygote is timed too."""
     root = os.path.join(base, "store")
     tar = os.path.join(base, "busybox.tar")
     if not os.path.exists(tar):
@@ -432,20 +433,15 @@ def container_bench(base: str, repeat: int) -> dict:
     zdir = tempfile.mkdtemp(prefix="zygote-", dir=base)
     env = dict(os.environ, UNIONFUSE_ZYGOTE_DIR=zdir)
     uf = [sys.executable, "-m", "unionfuse", "--root", root]
-    try:
-        subprocess.run(uf + ["import", tar, "busybox"], check=True, stdout=subprocess.DEVNULL, cwd=REPO)
-        out["unionfuse_run_true"] = _time_cmd(uf + ["run", "--rm", "busybox", "true"], repeat, env=env)
-        out["unionfuse_run_true_no_zygote"] = _time_cmd(
-            uf + ["run", "--rm", "busybox", "true"], repeat, env=dict(env, UNIONFUSE_NO_ZYGOTE="1"))
-        out["unionfuse_build_cold"] = _time_cmd(uf + ["build", "--no-cache", "-q", "-t", "benchimg", ctx],
-                                                repeat, env=env)
-        out["unionfuse_build_cached"] = _time_cmd(uf + ["build", "-q", "-t", "benchimg", ctx], repeat, env=env)
-    finally:
-        for pidfile in glob.glob(os.path.join(zdir, "zygote-*.pid")):
-            try:
-                os.kill(int(open(pidfile).read()), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
+    cmds = {  # name: (argv, env)
+        "unionfuse_run_true": (uf + ["run", "--rm", "busybox", "true"], env),
+        "unionfuse_run_true_crun": (uf + ["run", "--runtime", "crun", "--rm", "busybox", "true"], env),
+        "unionfuse_run_true_no_zygote": (uf + ["run", "--rm", "busybox", "true"],
+                                         dict(env, UNIONFUSE_NO_ZYGOTE="1")),
+        "unionfuse_build_cold": (uf + ["build", "--no-cache", "-q", "-t", "benchimg", ctx], env),
+        "unionfuse_build_cached": (uf + ["build", "-q", "-t", "benchimg", ctx], env),
+    }
+    subprocess.run(uf + ["import", tar, "busybox"], check=True, stdout=subprocess.DEVNULL, cwd=REPO)
     if shutil.which("podman"):
         pdir = os.path.join(base, "podman")
         os.makedirs(pdir, exist_ok=True)
@@ -454,25 +450,29 @@ def container_bench(base: str, repeat: int) -> dict:
                     '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
         with open(os.path.join(pdir, "storage.conf"), "w") as f:
             f.write(f'[storage]\ndriver = "overlay"\ngraphroot = "{pdir}/graph"\nrunroot = "{pdir}/run"\n')
-        env = dict(os.environ, CONTAINERS_CONF=os.path.join(pdir, "containers.conf"),
-                   CONTAINERS_STORAGE_CONF=os.path.join(pdir, "storage.conf"))
-        subprocess.run(["podman", "import", tar, "busybox"], env=env, check=True, stdout=subprocess.DEVNULL)
-        out["podman_run_true"] = _time_cmd(["podman", "run", "--rm", "--network=none", "busybox", "true"],
-                                           repeat, env=env)
+        penv = dict(os.environ, CONTAINERS_CONF=os.path.join(pdir, "containers.conf"),
+                    CONTAINERS_STORAGE_CONF=os.path.join(pdir, "storage.conf"))
+        subprocess.run(["podman", "import", tar, "busybox"], env=penv, check=True, stdout=subprocess.DEVNULL)
         pb = ["podman", "build", "--network=none", "-q", "-t", "benchimg"]
-        out["podman_build_cold"] = _time_cmd(pb[:2] + ["--no-cache"] + pb[2:] + [ctx], repeat, env=env)
-        out["podman_build_cached"] = _time_cmd(pb + [ctx], repeat, env=env)
-    return out
-
-
-def _time_cmd(argv, repeat, env=None) -> dict:
-    subprocess.run(argv, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        subprocess.run(argv, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+        cmds["podman_run_true"] = (["podman", "run", "--rm", "--network=none", "busybox", "true"], penv)
+        cmds["podman_build_cold"] = (pb[:2] + ["--no-cache"] + pb[2:] + [ctx], penv)
+        cmds["podman_build_cached"] = (pb + [ctx], penv)
+    times: dict = {k: [] for k in cmds}
+    try:
+        for argv, e in cmds.values():  # warm-up
+            subprocess.run(argv, check=True, env=e, cwd=REPO, stdout=subprocess.DEVNULL)
+        for _ in range(repeat):
+            for k, (argv, e) in cmds.items():
+                t0 = time.perf_counter()
+                subprocess.run(argv, check=True, env=e, cwd=REPO, stdout=subprocess.DEVNULL)
+                times[k].append(time.perf_counter() - t0)
+    finally:
+        for pidfile in glob.glob(os.path.join(zdir, "zygote-*.pid")):
+            try:
+                os.kill(int(open(pidfile).read()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+    return {k: {"median": statistics.median(t), "min": min(t), "max": max(t)} for k, t in times.items() if t}
 
 
 # -- report ------------------------------------------------------------------------------
@@ -563,7 +563,7 @@ def main() -> int:
     if a.containers:
         report["containers"] = container_bench(a.workdir, max(repeat, 5))
         for k, v in report["containers"].items():
-            print(f"{k:20} {v['median'] * 1000:8.1f} ms ({v['min'] * 1000:.0f}-{v['max'] * 1000:.0f})")
+            print(f"{k:30} {v['median'] * 1000:8.1f} ms ({v['min'] * 1000:.0f}-{v['max'] * 1000:.0f})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -252,5 +252,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script and ``python -m unionfuse``: main(), then a quick exit."""
+    exit_quickly(main())
+
+
+def exit_quickly(code: int) -> None:
+    """Exit with *code* without the interpreter's teardown of every module (12-17 ms
+    here, a tenth of `run --rm IMAGE true`).  What a normal exit does for the user still
+    happens: atexit handlers run (logging.shutdown, tempfile finalizers) and stdout and
+    stderr are flushed.  With a non-daemon thread still running, exit the normal way
+    (it would be joined)."""
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError, AttributeError):
+            code = code or 120  # what the interpreter returns when its final flush fails
+    os._exit(code if isinstance(code, int) else 1)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

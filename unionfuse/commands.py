@@ -12,7 +12,6 @@ from . import fmt
 from .errors import UnionfuseError, UsageError
 from .runtime.container import Containers, RunOptions, default_driver
 from .store import imageconfig
-from .store.changes import changes
 from .store.store import Conflict, Image, NotFound, Store, normalize_ref
 
 
@@ -569,6 +568,8 @@ def cmd_diff(a) -> int:
     store = _store(a)
     cs = Containers(store)
     c = cs.get(a.container)
+    from .store.changes import changes  # (not imported for `run`)
+
     with cs.paused(c):
         found = changes(c.path("upper"), c.lower_dirs())
     for kind, path in found:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import calendar
 import time
 
 
@@ -10,6 +9,8 @@ def parse_iso(ts: str | None) -> float | None:
     if not ts:
         return None
     base = ts.rstrip("Z").split(".")[0]
+    import calendar  # (imported when used: `run` never formats a date)
+
     try:
         return calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
     except ValueError:

@@ -290,9 +290,8 @@ def _stack_depth(spec: MountSpec) -> int:
     """max_stack_depth to announce for passthrough: 2 if a layer sits on a stacked
     filesystem, else 1 (which still lets an overlayfs be mounted over this mount)."""
     import ctypes
-    import ctypes.util
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # (find_library would run `ldconfig -p`)
     buf = ctypes.create_string_buffer(120)  # struct statfs; f_type is its first long
     for d in [*spec.lowers, *([spec.upper] if spec.upper else [])]:
         if libc.statfs(os.fsencode(d), buf) == 0 and \

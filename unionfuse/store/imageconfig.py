@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-import platform
+import os
 import shlex
 
 from ..errors import UsageError
@@ -15,7 +15,7 @@ DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 
 
 def goarch() -> str:
-    m = platform.machine()
+    m = os.uname().machine  # (platform costs ~1.5 ms to import)
     return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(m, m)
 
 

@@ -31,12 +31,10 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 from ..errors import UnionfuseError
-from . import tarlayer
 
 DEFAULT_ROOT = "/var/lib/unionfuse"
 
@@ -63,7 +61,7 @@ def canonical_json(obj) -> bytes:
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         os.write(fd, data)
@@ -197,6 +195,7 @@ class Store:
             diff = os.path.join(stage, "diff")
             os.mkdir(diff, 0o755)
             os.chmod(diff, 0o755)  # the rootfs "/" unless the tar has a "./" entry
+            from . import tarlayer
             diff_id, size = tarlayer.apply_tar(stream, diff, label=label)
             return self._commit_layer(stage, diff_id, size)
         finally:
@@ -211,6 +210,8 @@ class Store:
         stage = self.staging()
         try:
             tar_path = os.path.join(stage, "layer.tar")
+            from . import tarlayer  # (not imported for `run`: ~4 ms)
+
             with open(tar_path, "wb") as f:
                 tarlayer.write_layer_tar(src, f, layers)
             with open(tar_path, "rb") as f:
@@ -242,6 +243,7 @@ class Store:
         return diff_id
 
     def layer_tar(self, diff_id: str, out: BinaryIO) -> str:
+        from . import tarlayer
         return tarlayer.write_layer_tar(self.layer_diff(diff_id), out)
 
     def all_layers(self) -> list[str]:
