@@ -244,3 +244,25 @@ def test_umount_other_fuse_filesystem_left_alone(env):
         # fuse-overlayfs exits by itself once unmounted
         if mount_entry(str(mnt)) is not None:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+# -- the quick exit (cli.exit_quickly skips the interpreter's teardown) --------------------
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_quick_exit_keeps_what_a_normal_exit_does(threaded):
+    """Exit code, buffered stdout (a pipe), atexit handlers, and a non-daemon thread that
+    is still running: all as after sys.exit."""
+    code = (
+        "import atexit, sys, threading, time\n"
+        "from unionfuse.cli import exit_quickly\n"
+        "atexit.register(lambda: sys.stdout.write(' atexit'))\n"
+        "if THREADED:\n"
+        "    threading.Thread(target=lambda: (time.sleep(0.3), sys.stdout.write(' thread'))).start()\n"
+        "sys.stdout.write('out' * 10000)\n"
+        "exit_quickly(3)\n"
+    ).replace("THREADED", str(threaded))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "out" * 10000 + (" thread" if threaded else "") + " atexit"
+    assert r.stderr == ""
