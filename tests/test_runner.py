@@ -515,6 +515,17 @@ def test_network_none_vs_host(uf):
 
 
 @pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_tty_starts_with_the_terminal_size(uf, request, runtime):
+    """-it: the container's terminal has the caller's size from the start, with either
+    runtime (runc copies it; crun takes config.json's consoleSize)."""
+    t = start_pty(request, uf.argv("run", "-it", "--runtime", runtime, "--rm", "busybox", "/bin/sh"),
+                  rows=27, cols=93)
+    assert re.search(r"^27 93$", t.cmd("stty size"), re.M)
+    t.send("exit 4\n")
+    assert t.wait() == 4
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
 def test_runtimes(uf, runtime):
     name = f"rt-{runtime}"
     r = uf("run", "--runtime", runtime, "--name", name, "-u", "nobody", "busybox", "sh", "-c",

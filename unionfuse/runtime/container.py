@@ -447,6 +447,7 @@ class Containers:
                 rootfs=rootfs, args=c.rec["argv"], env=env, cwd=cwd, uid=uid, gid=gid,
                 additional_gids=groups, terminal=opts.tty, hostname=opts.hostname or c.short_id,
                 network=opts.network, volumes=vols, home=home,
+                console_size=_terminal_size() if attached and opts.tty else None,
             )
             write_atomic(c.path("bundle", "config.json"), json.dumps(config, indent=2).encode())
             runtime_delete(opts.runtime, c.runtime_id)
@@ -510,6 +511,15 @@ class Containers:
         rt += [c.runtime_id, *args]
         stdin = None if (interactive or tty) else subprocess.DEVNULL
         return _run_forwarding_signals(runtime_argv(opts["runtime"], *rt), stdin)
+
+
+def _terminal_size() -> tuple[int, int] | None:
+    """(rows, columns) of the terminal we run on, if stdin is one."""
+    try:
+        size = os.get_terminal_size(0)
+    except OSError:
+        return None
+    return (size.lines, size.columns) if size.lines and size.columns else None
 
 
 def _run_forwarding_signals(argv: list[str], stdin) -> int:

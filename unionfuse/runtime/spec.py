@@ -471,11 +471,14 @@ def make_spec(*, rootfs: str, args: Sequence[str], env: Sequence[str], cwd: str,
               gid: int, additional_gids: Sequence[int], terminal: bool, hostname: str,
               network: str = "none", volumes: Sequence[Volume] = (),
               readonly_rootfs: bool = False, home: str | None = None,
-              rlimits: Sequence[dict] | None = None) -> dict:
+              rlimits: Sequence[dict] | None = None,
+              console_size: tuple[int, int] | None = None) -> dict:
     """A complete OCI runtime-spec config (dict, ready for json.dump) with Docker's
     defaults.  ``env`` is the merged container env (see :func:`merge_env`); PATH,
     HOSTNAME, TERM (with a terminal) and HOME (``home``, from :func:`resolve_user`) are
-    added unless ``env`` sets them.  ``network`` is "none" (own netns, only lo) or "host"."""
+    added unless ``env`` sets them.  ``network`` is "none" (own netns, only lo) or "host".
+    ``console_size`` (rows, columns): the terminal's starting size (crun sets it from
+    here; runc copies the size of the terminal it runs on)."""
     args = list(args)
     if not args or not args[0]:
         raise UsageError("no command specified")
@@ -526,6 +529,8 @@ def make_spec(*, rootfs: str, args: Sequence[str], env: Sequence[str], cwd: str,
         "ociVersion": OCI_VERSION,
         "process": {
             "terminal": bool(terminal),
+            **({"consoleSize": {"height": int(console_size[0]), "width": int(console_size[1])}}
+               if terminal and console_size else {}),
             "user": {"uid": int(uid), "gid": int(gid),
                      "additionalGids": [int(g) for g in additional_gids]},
             "args": args,
