@@ -435,12 +435,13 @@ def container_bench(base: str, repeat: int) -> dict:
     uf = [sys.executable, "-m", "unionfuse", "--root", root]
     cmds = {  # name: (argv, env)
         "unionfuse_run_true": (uf + ["run", "--rm", "busybox", "true"], env),
-        "unionfuse_run_true_crun": (uf + ["run", "--runtime", "crun", "--rm", "busybox", "true"], env),
         "unionfuse_run_true_no_zygote": (uf + ["run", "--rm", "busybox", "true"],
                                          dict(env, UNIONFUSE_NO_ZYGOTE="1")),
         "unionfuse_build_cold": (uf + ["build", "--no-cache", "-q", "-t", "benchimg", ctx], env),
         "unionfuse_build_cached": (uf + ["build", "-q", "-t", "benchimg", ctx], env),
     }
+    if shutil.which("crun"):
+        cmds["unionfuse_run_true_crun"] = (uf + ["run", "--runtime", "crun", "--rm", "busybox", "true"], env)
     subprocess.run(uf + ["import", tar, "busybox"], check=True, stdout=subprocess.DEVNULL, cwd=REPO)
     if shutil.which("podman"):
         pdir = os.path.join(base, "podman")

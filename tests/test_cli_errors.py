@@ -266,3 +266,13 @@ def test_quick_exit_keeps_what_a_normal_exit_does(threaded):
     assert r.returncode == 3, r.stderr
     assert r.stdout == "out" * 10000 + (" thread" if threaded else "") + " atexit"
     assert r.stderr == ""
+
+
+@pytest.mark.parametrize("how", [">&-", "2>&-"])
+def test_quick_exit_with_a_stream_closed(how):
+    """stdout or stderr closed (at start, or by the command): exit 0 as sys.exit does."""
+    code = "from unionfuse.cli import exit_quickly; exit_quickly(0)"
+    r = subprocess.run(["sh", "-c", f'"$0" -c "$1" {how}', sys.executable, code], timeout=30)
+    assert r.returncode == 0
+    code = "import sys; from unionfuse.cli import exit_quickly; sys.stdout.close(); exit_quickly(0)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0

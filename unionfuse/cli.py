@@ -271,9 +271,11 @@ def exit_quickly(code: int) -> None:
 
     atexit._run_exitfuncs()
     for f in (sys.stdout, sys.stderr):
+        if f is None or f.closed:  # (none at start, or closed by the command: as sys.exit)
+            continue
         try:
             f.flush()
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             code = code or 120  # what the interpreter returns when its final flush fails
     os._exit(code if isinstance(code, int) else 1)
 

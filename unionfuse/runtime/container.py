@@ -514,12 +514,15 @@ class Containers:
 
 
 def _terminal_size() -> tuple[int, int] | None:
-    """(rows, columns) of the terminal we run on, if stdin is one."""
-    try:
-        size = os.get_terminal_size(0)
-    except OSError:
-        return None
-    return (size.lines, size.columns) if size.lines and size.columns else None
+    """(rows, columns) of the terminal we run on: stdin's, else stdout's or stderr's."""
+    for fd in (0, 1, 2):
+        try:
+            size = os.get_terminal_size(fd)
+        except OSError:
+            continue
+        if size.lines and size.columns:
+            return size.lines, size.columns
+    return None
 
 
 def _run_forwarding_signals(argv: list[str], stdin) -> int:

@@ -582,8 +582,6 @@ _SECCOMP_ARCHES = {
 
 
 def default_seccomp() -> dict:
-    import platform
-
     eperm = errno.EPERM
     rules = [{"names": list(SECCOMP_DENY), "action": "SCMP_ACT_ERRNO", "errnoRet": eperm}]
     for flag in CLONE_NS_FLAGS:
@@ -593,7 +591,7 @@ def default_seccomp() -> dict:
     rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
     return {
         "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": _SECCOMP_ARCHES.get(platform.machine(), []),
+        "architectures": _SECCOMP_ARCHES.get(os.uname().machine, []),
         "syscalls": rules,
     }
 
