@@ -59,7 +59,9 @@ class Node:
         self.is_dir = is_dir
         self.parent: Node | None = None  # dirs only
         self.name = b""  # dirs only
-        self.aliases: list[tuple[Node, bytes]] = [] if not is_dir else ()  # non-dirs only
+        # non-dirs only; a tuple, replaced on change (a list costs ~90 bytes more a node,
+        # and nearly every file has exactly one name)
+        self.aliases: tuple[tuple[Node, bytes], ...] = ()
         self.in_upper = False
         self.lowers: list[tuple[int, bytes]] = []
         self.index: bytes | None = None  # hard-link group name in the index dir
@@ -190,7 +192,7 @@ class InodeTable:
             if p is parent and n == name:
                 return
         parent.refs += 1
-        node.aliases.append((parent, name))
+        node.aliases = (*node.aliases, (parent, name))
 
     def remove_alias(self, node: Node, parent: Node, name: bytes) -> None:
         if node.is_dir:
@@ -201,7 +203,7 @@ class InodeTable:
             return
         for i, (p, n) in enumerate(node.aliases):
             if p is parent and n == name:
-                del node.aliases[i]
+                node.aliases = node.aliases[:i] + node.aliases[i + 1 :]
                 p.refs -= 1
                 self.maybe_drop(p)
                 return
@@ -243,7 +245,7 @@ class InodeTable:
                 node = parent
             else:
                 parents = [p for p, _ in node.aliases]
-                node.aliases = []
+                node.aliases = ()
                 for p in parents:
                     p.refs -= 1
                 for p in parents[1:]:
