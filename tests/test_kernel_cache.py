@@ -337,3 +337,39 @@ def test_blocking_request_does_not_stall_others(lay, tmp_path):
         assert len(waits) > 10 and max(waits) < busy / 2, (busy, len(waits), max(waits))
     finally:
         d.stop()
+
+
+def fincore_bytes(path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def test_small_lower_files_are_in_the_cache_once_opened(dirs, mounts):
+    """With passthrough (so the kernel sends OPEN), the first open of a small lower file
+    stores its data in the kernel's page cache (operations._prime): reading it needs no
+    READ.  The data is the file's, around page boundaries; a file over PRIME_MAX is left
+    to READ; and a reader primed before a copy-up reads what is written after it."""
+    from unionfuse.fs.operations import PRIME_MAX
+
+    sizes = (1, 4095, 4096, 4097, PRIME_MAX, PRIME_MAX + 1)
+    data = {n: bytes(i * 7 % 251 for i in range(n)) for n in sizes}
+    for n in sizes:
+        put(dirs["l1"] / f"s{n}", data[n])
+    m = mounts.union([dirs["l1"]], dirs["upper"], dirs["work"], extra=("--debug",))
+    mp = m.mountpoint
+    os.listdir(mp)
+    primes = "passthrough" in next(x for x in m.log_text().splitlines() if "kernel caching:" in x)
+    for n in sizes:
+        os.close(os.open(f"{mp}/s{n}", os.O_RDONLY))
+        want = -(-n // 4096) * 4096 if primes and n <= PRIME_MAX else 0
+        assert fincore_bytes(f"{mp}/s{n}") == want, n
+        assert read(f"{mp}/s{n}") == data[n]
+        assert os.stat(f"{mp}/s{n}").st_size == n
+    # a reader opened (and primed) before a writer copies the file up
+    with open(f"{mp}/s4097", "rb") as r:
+        assert r.read(10) == data[4097][:10]
+        with open(f"{mp}/s4097", "r+b") as w:
+            w.write(b"NEW")
+        assert os.pread(r.fileno(), 5, 0) == b"NEW" + data[4097][3:5]
+    assert read(dirs["l1"] / "s4097") == data[4097]  # the lower file is untouched

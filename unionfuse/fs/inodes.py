@@ -50,6 +50,7 @@ class Node:
         "attrs",
         "fdh",
         "own_key",
+        "primed",
         "__weakref__",
     )
 
@@ -71,6 +72,7 @@ class Node:
         self.deleted = False
         self.lock = None
         self.last_st: os.stat_result | None = None
+        self.primed = False  # its data was offered to the kernel's cache (operations._prime)
         self.orphan: bytes | None = None  # copy of an unlinked-but-open lower file
         self.dcache = None  # dirs: the merged listing (operations.DirCache)
         self.attrs = None  # lower-only nodes: their (immutable) EntryAttributes
