@@ -473,6 +473,7 @@ def container_bench(base: str, repeat: int) -> dict:
                 os.kill(int(open(pidfile).read()), signal.SIGTERM)
             except (OSError, ValueError):
                 pass
+        shutil.rmtree(zdir, ignore_errors=True)  # (a stopping zygote removes its own files)
     return {k: {"median": statistics.median(t), "min": min(t), "max": max(t)} for k, t in times.items() if t}
 
 
