@@ -318,6 +318,13 @@ def write(p, data: bytes, flags: int = os.O_WRONLY, mode: int = 0o644, offset: i
         os.close(fd)
 
 
+def cached_bytes(path) -> int:
+    """How much of *path* is in the page cache (fincore, util-linux-extra)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
 def put(p, data: bytes) -> None:
     """Create or truncate *p* and write *data*."""
     write(p, data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)

@@ -15,14 +15,13 @@ import os
 import signal
 import stat
 import struct
-import subprocess
 import termios
 import time
 
 import pytest
 
 from conftest import start_daemon
-from layerkit import put, read
+from layerkit import cached_bytes, put, read
 from unionfuse.mount import mount_entry
 
 CAPS = "security.capability"
@@ -348,12 +347,6 @@ def test_unlinked_file_attrs_say_no_links(daemon, mode):
         os.ftruncate(f.fileno(), 1)
         st = os.fstat(f.fileno())
         assert (st.st_nlink, st.st_size, stat.S_IMODE(st.st_mode)) == (0, 1, 0o600)
-
-
-def cached_bytes(path) -> int:
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.split()[0])
 
 
 def test_reading_through_the_mount_leaves_the_lower_page_cache(daemon, lay, mode):

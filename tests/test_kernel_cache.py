@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import start_daemon
-from layerkit import put, read
+from layerkit import cached_bytes, put, read
 
 
 @pytest.fixture
@@ -339,12 +339,6 @@ def test_blocking_request_does_not_stall_others(lay, tmp_path):
         d.stop()
 
 
-def fincore_bytes(path) -> int:
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.split()[0])
-
-
 def test_small_lower_files_are_in_the_cache_once_opened(dirs, mounts):
     """With passthrough (so the kernel sends OPEN), the first open of a small lower file
     stores its data in the kernel's page cache (operations._prime): reading it needs no
@@ -363,7 +357,7 @@ def test_small_lower_files_are_in_the_cache_once_opened(dirs, mounts):
     for n in sizes:
         os.close(os.open(f"{mp}/s{n}", os.O_RDONLY))
         want = -(-n // 4096) * 4096 if primes and n <= PRIME_MAX else 0
-        assert fincore_bytes(f"{mp}/s{n}") == want, n
+        assert cached_bytes(f"{mp}/s{n}") == want, n
         assert read(f"{mp}/s{n}") == data[n]
         assert os.stat(f"{mp}/s{n}").st_size == n
     # a reader opened (and primed) before a writer copies the file up

@@ -277,7 +277,7 @@ def exit_quickly(code: int) -> None:
             f.flush()
         except (OSError, ValueError):
             code = code or 120  # what the interpreter returns when its final flush fails
-    os._exit(code if isinstance(code, int) else 1)
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

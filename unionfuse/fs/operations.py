@@ -1464,12 +1464,12 @@ class UnionOperations(pyfuse3.Operations):
             self._check_rw()
             if not node.in_upper:
                 await self._copy_up(node, data=False)
-            os.ftruncate(await self._file_fd(node, True), 0)
-            fd = None
+            fd = await self._file_fd(node, True)
+            os.ftruncate(fd, 0)
         else:
             fd = await self._file_fd(node, flags & os.O_ACCMODE != os.O_RDONLY)  # copied up for a write
         self._pt_backing(node)
-        if fd is not None and not node.in_upper and self.rw:  # (read-only mounts pass through)
+        if not node.in_upper and self.rw:  # (a read-only mount passes every file through)
             self._prime(node, fd)
         # (with a backing file the shim drops keep_cache; without one, an upper file's
         # pages in this mount's cache may predate writes made through a backing file)
