@@ -29,8 +29,8 @@ PYEXE=$("$PY" -c 'import sys; print(sys.executable)')
 pkgs=(fuse3 libfuse3-dev pkg-config gcc crun runc fuse-overlayfs busybox-static attr systemd
       debootstrap zstd apache2-utils util-linux-extra)
 # Peers for the interop tests and benchmarks, installed with their recommended packages
-# (podman needs conmon, catatonit, ...): skopeo umoci podman docker-registry.
-peer_pkgs=(skopeo umoci podman docker-registry)
+# (podman needs conmon, catatonit, ...): skopeo umoci podman buildah docker-registry.
+peer_pkgs=(skopeo umoci podman buildah docker-registry)
 # pyfuse3 compiles against the interpreter's headers; pyenv ships them, Debian's python3 does not.
 PYINC=$("$PYEXE" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 [ -f "$PYINC/Python.h" ] || pkgs+=(python3-dev)

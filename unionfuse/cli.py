@@ -33,7 +33,9 @@ def build_parser(with_commands: bool = True, only: str | None = None) -> argpars
         allow_abbrev=False,  # `--ro` is not `--root` (and _command_word must see options whole)
         description="A union filesystem (FUSE) with overlayfs semantics.",
         epilog="mount(8) helper form: unionfuse SOURCE MOUNTPOINT -o OPTIONS "
-        "(what `mount -t fuse.unionfuse` runs).",
+        "(what `mount -t fuse.unionfuse` runs).  fuse-overlayfs form: unionfuse [-f] [-d] "
+        "-o lowerdir=L1:L2,upperdir=U,workdir=W[,...] MOUNTPOINT (what containers/storage "
+        "runs as its mount_program).",
     )
     p.add_argument("--debug", action="store_true", help="log every step to stderr")
     p.add_argument("--root", metavar="DIR",
@@ -153,7 +155,7 @@ def _spec_from_args(a: argparse.Namespace) -> mountmod.MountSpec:
 def _spec_argv(spec: mountmod.MountSpec, debug: bool) -> list[str]:
     argv = []
     for low in spec.lowers:
-        argv += ["--lower", os.path.abspath(low)]
+        argv += ["--lower", os.path.realpath(low)]  # (containers/storage passes l/ links)
     if spec.upper:
         argv += ["--upper", os.path.abspath(spec.upper), "--work", os.path.abspath(spec.work)]
     if spec.whiteout:
@@ -164,6 +166,7 @@ def _spec_argv(spec: mountmod.MountSpec, debug: bool) -> list[str]:
         opts.append(f"spin={spec.spin_us}")
     if spec.passthrough is not None:
         opts.append("passthrough" if spec.passthrough else "nopassthrough")
+    opts += spec.idmap_options()
     if opts:
         argv += ["-o", ",".join(opts)]
     if debug:
@@ -186,33 +189,53 @@ def cmd_umount(a: argparse.Namespace) -> int:
     return 0
 
 
+class _HelperParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage text (the caller shows stderr whole)
+        raise UsageError(message)
+
+
 def helper_main(argv: list[str]) -> int:
-    """``unionfuse SOURCE MOUNTPOINT -o OPTS`` as run by mount.fuse3."""
-    hp = argparse.ArgumentParser(prog="unionfuse", add_help=False)
-    hp.add_argument("source")
-    hp.add_argument("mountpoint")
+    """``unionfuse SOURCE MOUNTPOINT -o OPTS`` as run by mount.fuse3, and fuse-overlayfs'
+    ``unionfuse [-f] [-d] -o OPTS MOUNTPOINT`` as containers/storage runs its
+    mount_program (there, unknown options are a warning, as in fuse-overlayfs)."""
+    hp = _HelperParser(prog="unionfuse", add_help=False)
+    hp.add_argument("words", nargs="+", metavar="[SOURCE] MOUNTPOINT")
     hp.add_argument("-o", dest="options", action="append", default=[])
     hp.add_argument("-f", dest="foreground", action="store_true")
+    hp.add_argument("-d", "--debug", dest="debug", action="store_true")  # (implies -f, as libfuse)
+    hp.add_argument("-s", dest="single", action="store_true")  # libfuse's: we are single-threaded
     hp.add_argument("-n", dest="nomtab", action="store_true")  # accepted, like mount.fuse
     hp.add_argument("-v", dest="verbose", action="store_true")
-    a = hp.parse_args(argv)
-    spec = mountmod.MountSpec(mountpoint=a.mountpoint, lowers=[])
+    a = hp.parse_intermixed_args(argv)
+    if len(a.words) > 2:
+        raise UsageError(f"unexpected argument: {a.words[2]}")
+    overlay_form = len(a.words) == 1
+    if a.debug:
+        _setup_logging(True)
+    spec = mountmod.MountSpec(mountpoint=a.words[-1], lowers=[])
     for o in a.options:
-        mountmod.apply_options(spec, mountmod.split_options(o))
+        mountmod.apply_options(spec, mountmod.split_options(o), lenient=overlay_form)
     spec.check()
-    if a.foreground:
+    if a.foreground or a.debug:
         return mountmod.serve(spec)
     mountmod.spawn_background(_spec_argv(spec, False))
     return 0
 
 
+def _helper_form(argv: list[str]) -> bool:
+    """mount.fuse3's ``SOURCE MOUNTPOINT -o ...`` (the SOURCE word is free-form; fstab
+    examples use "unionfuse") or fuse-overlayfs' ``[-f] [-d] -o OPTS MOUNTPOINT``."""
+    if not argv:
+        return False
+    if argv[0] in ("-f", "-d", "-s") or (argv[0].startswith("-o") and argv[0] != "--"):
+        return True
+    return len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        # mount.fuse3 runs `unionfuse SOURCE MOUNTPOINT -o OPTIONS`
-        # (the SOURCE word is free-form; fstab examples use "unionfuse")
-        helper = len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS
-        if helper:
+        if _helper_form(argv):
             _setup_logging(False)
             return helper_main(argv)
         if argv[:1] == ["_zygote"] and len(argv) in (2, 3):  # PATH [PADDING]

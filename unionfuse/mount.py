@@ -31,6 +31,17 @@ PASS_FLAGS = {
 }
 # fstab-only words that mean nothing to the daemon.
 IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner"}
+# What fuse-overlayfs accepts (containers/storage passes them to a mount_program, and
+# kernel-overlay words may come from a storage.conf mountopt) that changes nothing here:
+# accepted, with or without a value, and ignored.  volatile/fsync=0: fsync is still done;
+# redirect_dir: renamed lower dirs always get a redirect; context=: no SELinux labels.
+OVERLAY_IGNORED = {
+    "volatile", "fsync", "noacl", "static_nlink", "threaded", "plugins", "redirect_dir",
+    "fast_ino", "writeback", "noxattrs", "xattr_permissions", "context", "fscontext",
+    "defcontext", "rootcontext", "lazytime", "nolazytime", "diratime", "allow_root",
+    "kernel_cache", "max_write", "splice_read", "splice_write", "splice_move", "debug",
+    "metacopy", "index", "userxattr", "xino", "nfs_export", "uuid", "default_permissions",
+}
 
 
 # How long the daemon polls for the next request before it sleeps (microseconds; see
@@ -49,6 +60,26 @@ class MountSpec:
     timeout: float = 60.0
     spin_us: int = SPIN_US
     passthrough: bool | None = None  # None: where it costs nothing else (_want_passthrough)
+    # id mapping (fs/idmap.py): (stored, shown, count) ranges; squash: one shown id
+    uidmap: tuple | None = None
+    gidmap: tuple | None = None
+    squash_uid: int | None = None
+    squash_gid: int | None = None
+
+    @property
+    def id_mapped(self) -> bool:
+        return bool(self.uidmap or self.gidmap) or self.squash_uid is not None \
+            or self.squash_gid is not None
+
+    def idmap_options(self) -> list[str]:
+        """The -o words that give a daemon this spec's id mapping."""
+        from .fs.idmap import format_mapping
+
+        out = [f"uidmapping={format_mapping(self.uidmap)}"] if self.uidmap else []
+        out += [f"gidmapping={format_mapping(self.gidmap)}"] if self.gidmap else []
+        out += [f"squash_to_uid={self.squash_uid}"] if self.squash_uid is not None else []
+        out += [f"squash_to_gid={self.squash_gid}"] if self.squash_gid is not None else []
+        return out
 
     @property
     def read_only(self) -> bool:
@@ -80,15 +111,19 @@ class MountSpec:
 
 
 def split_options(opts: str) -> list[str]:
-    """Split a -o string on commas, honouring backslash escapes (\\, and \\:)."""
-    out, cur, esc = [], [], False
+    """Split a -o string on commas, honouring backslash escapes (\\, and \\:) and
+    double quotes (context="...:c1,c2", as containers/storage writes an SELinux label)."""
+    out, cur, esc, quoted = [], [], False, False
     for ch in opts:
         if esc:
             cur.append("\\" + ch)
             esc = False
         elif ch == "\\":
             esc = True
-        elif ch == ",":
+        elif ch == '"':
+            quoted = not quoted
+            cur.append(ch)
+        elif ch == "," and not quoted:
             out.append("".join(cur))
             cur = []
         else:
@@ -114,7 +149,9 @@ def split_lowerdir(value: str) -> list[str]:
     return [x for x in out if x]
 
 
-def apply_options(spec: MountSpec, opts: list[str]) -> None:
+def apply_options(spec: MountSpec, opts: list[str], lenient: bool = False) -> None:
+    """Apply -o words to *spec*.  An unknown word is a UsageError, or with *lenient*
+    (fuse-overlayfs' command line) a warning, as fuse-overlayfs does."""
     for opt in opts:
         key, eq, value = opt.partition("=")
         value = value.replace("\\,", ",") if key != "lowerdir" else value
@@ -144,8 +181,36 @@ def apply_options(spec: MountSpec, opts: list[str]) -> None:
         elif key in PASS_FLAGS and not eq:
             if key != "rw":
                 spec.fuse_flags.append(key)
+        elif key in ("uidmapping", "gidmapping"):
+            from .fs.idmap import parse_mapping
+
+            try:
+                ranges = parse_mapping(value) if value else None
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            if key == "uidmapping":
+                spec.uidmap = ranges
+            else:
+                spec.gidmap = ranges
+        elif key in ("squash_to_uid", "squash_to_gid") and eq:
+            try:
+                n = int(value)
+                if not 0 <= n < 1 << 32:
+                    raise ValueError
+            except ValueError:
+                raise UsageError(f"bad {key} value: {value!r}") from None
+            if key == "squash_to_uid":
+                spec.squash_uid = n
+            else:
+                spec.squash_gid = n
+        elif key == "squash_to_root" and not eq:
+            spec.squash_uid = spec.squash_gid = 0
         elif key in IGNORED or key.startswith("x-") or key in ("fsname", "subtype"):
             continue
+        elif key in OVERLAY_IGNORED:
+            log.debug("option %s: accepted, no effect here", opt)
+        elif lenient:
+            log.warning("unknown option ignored: %s", opt)
         else:
             raise UsageError(f"unknown mount option: {opt}")
 
@@ -252,7 +317,8 @@ def _load_fuse_shim(force: bool = False, spec: MountSpec | None = None):
         # Without OPEN the daemon opens files with its own rights, later: only when
         # those rights are not narrower than what the kernel already checked.
         flags |= shim.NO_OPEN
-        if os.environ.get(NO_FASTPATH_ENV) != "1":
+        # (an id-mapped mount shifts every owner it answers: not in C)
+        if os.environ.get(NO_FASTPATH_ENV) != "1" and not (spec is not None and spec.id_mapped):
             flags |= shim.FASTPATH  # needs NO_OPEN: it serves the daemon's cached fds
             if spec is not None and spec.passthrough is not False:
                 depth = _stack_depth(spec)
@@ -351,11 +417,12 @@ def serve(spec: MountSpec) -> int:
     enc = os.fsencode
     try:
         ops = UnionOperations(
-            [enc(os.path.abspath(x)) for x in spec.lowers],
+            [enc(os.path.realpath(x)) for x in spec.lowers],  # (a layer may be a symlink: l/ links)
             enc(os.path.abspath(spec.upper)) if spec.upper else None,
             enc(os.path.abspath(spec.work)) if spec.work else None,
             whiteout=spec.whiteout,
             timeout=spec.timeout,
+            idmap=_idmap(spec),
         )
     except (OSError, ValueError) as e:
         raise MountError(f"can't set up the layers: {e}") from None
@@ -414,6 +481,14 @@ def serve(spec: MountSpec) -> int:
                 pass
         log.info("unmounted %s", spec.mountpoint)
     return 0
+
+
+def _idmap(spec: MountSpec):
+    if not spec.id_mapped:
+        return None
+    from .fs.idmap import IdMap
+
+    return IdMap(spec.uidmap, spec.gidmap, spec.squash_uid, spec.squash_gid)
 
 
 def _drop_stale_pid_files() -> None:

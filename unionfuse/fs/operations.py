@@ -209,8 +209,10 @@ class UnionOperations(pyfuse3.Operations):
         work: bytes | None = None,
         whiteout: str | None = None,
         timeout: float = 60.0,
+        idmap=None,
     ):
         super().__init__()
+        self.idmap = idmap  # fs/idmap.IdMap: owners shown shifted (None: as stored)
         if (upper is None) != (work is None):
             raise ValueError("upper and work dirs go together")
         if not lowers and upper is None:
@@ -420,6 +422,8 @@ class UnionOperations(pyfuse3.Operations):
         e.st_nlink = self._nlink(node, st)
         e.st_uid = st.st_uid
         e.st_gid = st.st_gid
+        if self.idmap is not None:
+            e.st_uid, e.st_gid = self.idmap.shown(st.st_uid, st.st_gid)
         e.st_rdev = st.st_rdev
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
@@ -925,13 +929,15 @@ class UnionOperations(pyfuse3.Operations):
         """(uid, gid, mode) for a new entry, and whether it needs a chown: not when the
         daemon's own ids (or a setgid parent's group) are already the right ones."""
         pst = os.lstat(parent_real)
-        gid = ctx.gid
+        uid, gid = ctx.uid, ctx.gid
+        if self.idmap is not None:
+            uid, gid = self.idmap.stored(uid, gid)
         own_gid = self._egid
         if pst.st_mode & stat.S_ISGID:
             gid = own_gid = pst.st_gid
             if is_dir:
                 mode |= stat.S_ISGID
-        return ctx.uid, gid, mode, ctx.uid != self._euid or gid != own_gid
+        return uid, gid, mode, uid != self._euid or gid != own_gid
 
     async def _create_entry(self, parent: Node, name: bytes, ctx, mode: int, *, rdev: int = 0,
                             target: bytes | None = None) -> tuple[Node, int | None]:
@@ -1100,6 +1106,8 @@ class UnionOperations(pyfuse3.Operations):
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
+            if self.idmap is not None:
+                uid, gid = self.idmap.stored(uid, gid)
             if real is None:
                 os.fchown(fd, uid, gid)
             else:
@@ -1828,9 +1836,10 @@ class UnionOperations(pyfuse3.Operations):
                 return False
             return True
         perm = st.st_mode
-        if ctx.uid == st.st_uid:
+        uid, gid = self.idmap.shown(st.st_uid, st.st_gid) if self.idmap else (st.st_uid, st.st_gid)
+        if ctx.uid == uid:
             bits = (perm >> 6) & 7
-        elif ctx.gid == st.st_gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
+        elif ctx.gid == gid or gid in pyfuse3.get_sup_groups(ctx.pid):
             bits = (perm >> 3) & 7
         else:
             bits = perm & 7
