@@ -456,6 +456,8 @@ def serve(spec: MountSpec) -> int:
             # One worker: see UnionOperations._in_thread for how blocking requests are
             # kept from stalling the others.
             ops.worker_nursery = nursery
+            if shim is not None and hasattr(shim, "fileops_enable"):
+                shim.fileops_enable(ops.fileop)  # FALLOCATE, LSEEK (pyfuse3 has neither)
             if shim is not None and shim.fp_enable(ops.timeout, ops.readdir_plain):
                 ops.fastpath = shim
                 log.debug("C fast path on")

@@ -804,6 +804,76 @@ static void shim_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_inf
     real_ops.releasedir(req, ino, fi);
 }
 
+/* FALLOCATE and LSEEK (SEEK_DATA/SEEK_HOLE): pyfuse3 has no handler for either (the
+ * kernel would get ENOSYS and answer EOPNOTSUPP / treat the file as all data).  On a
+ * file the table has an fd for, they run on that fd here; otherwise the daemon's
+ * callable (fileops_enable) does: fo_cb(op, ino, fh, a, b, c) -> result >= 0 or -errno,
+ * op 0: fallocate(mode=a, off=b, len=c) returns 0; op 1: lseek(off=a, whence=b) returns
+ * the offset, or FO_PENDING to answer later (fileop_reply).  Never ENOSYS (that would turn them off for the whole mount). */
+static PyObject *fo_cb;
+#define FO_PENDING (1LL << 62) /* the daemon answers later, with fileop_reply(req, ...) */
+
+static long long fo_call(fuse_req_t req, int op, fuse_ino_t ino, struct fuse_file_info *fi,
+                         long long a, long long b, long long c)
+{
+    if (!fo_cb)
+        return op == 0 ? -EOPNOTSUPP : -EINVAL;
+    PyObject *r = PyObject_CallFunction(fo_cb, "iKKLLLK", op, (unsigned long long)ino,
+                                        (unsigned long long)(fi ? fi->fh : 0), a, b, c,
+                                        (unsigned long long)(uintptr_t)req);
+    if (!r) {
+        PyErr_WriteUnraisable(fo_cb);
+        return -EIO;
+    }
+    long long v = PyLong_AsLongLong(r);
+    Py_DECREF(r);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -EIO;
+    }
+    return v;
+}
+
+static void shim_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
+                           struct fuse_file_info *fi)
+{
+    tag_fh(ino, fi);
+    struct fp_ent *e = fi ? fp_for(ino, fi, FP_WRITE) : NULL;
+    long long r;
+    if (e)
+        r = fallocate(e->fd, mode, off, len) < 0 ? -errno : 0;
+    else
+        r = fo_call(req, 0, ino, fi, mode, off, len);
+    if (r == FO_PENDING)
+        return;
+    if (r == -ENOSYS)
+        r = -EOPNOTSUPP;
+    fuse_reply_err(req, r < 0 ? (int)-r : 0);
+}
+
+static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+                       struct fuse_file_info *fi)
+{
+    tag_fh(ino, fi);
+    struct fp_ent *e = fi ? fp_for(ino, fi, FP_READ) : NULL;
+    long long r;
+    if (e) {
+        r = lseek(e->fd, off, whence);
+        if (r < 0)
+            r = -errno;
+    } else {
+        r = fo_call(req, 1, ino, fi, off, whence, 0);
+    }
+    if (r == FO_PENDING)
+        return;
+    if (r == -ENOSYS)
+        r = -EINVAL;
+    if (r < 0)
+        fuse_reply_err(req, (int)-r);
+    else
+        fuse_reply_lseek(req, (off_t)r);
+}
+
 struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
                                       size_t op_size, void *userdata)
 {
@@ -821,6 +891,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     our_ops = real_ops;
     if (want_flags) {
         our_ops.init = shim_init;
+        if (!real_ops.fallocate)
+            our_ops.fallocate = shim_fallocate;
+        if (!real_ops.lseek)
+            our_ops.lseek = shim_lseek;
         if ((want_flags & SHIM_NO_OPENDIR) && real_ops.opendir && real_ops.releasedir &&
             (real_ops.readdir || real_ops.readdirplus)) {
             our_ops.opendir = shim_opendir;
@@ -1051,6 +1125,42 @@ static PyObject *py_fp_enable(PyObject *self, PyObject *args)
     Py_RETURN_TRUE;
 }
 
+static PyObject *py_fileops_enable(PyObject *self, PyObject *args)
+{
+    PyObject *cb;
+    if (!PyArg_ParseTuple(args, "O", &cb))
+        return NULL;
+    if (cb != Py_None && !PyCallable_Check(cb)) {
+        PyErr_SetString(PyExc_TypeError, "fileops answerer must be callable");
+        return NULL;
+    }
+    Py_XDECREF(fo_cb);
+    fo_cb = NULL;
+    if (cb != Py_None) {
+        Py_INCREF(cb);
+        fo_cb = cb;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_fileop_reply(PyObject *self, PyObject *args)
+{
+    unsigned long long req;
+    int op;
+    long long r;
+    if (!PyArg_ParseTuple(args, "KiL", &req, &op, &r))
+        return NULL;
+    if (r == -ENOSYS)
+        r = op == 0 ? -EOPNOTSUPP : -EINVAL;
+    if (r < 0)
+        fuse_reply_err((fuse_req_t)(uintptr_t)req, (int)-r);
+    else if (op == 0)
+        fuse_reply_err((fuse_req_t)(uintptr_t)req, 0);
+    else
+        fuse_reply_lseek((fuse_req_t)(uintptr_t)req, (off_t)r);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_fp_set(PyObject *self, PyObject *args)
 {
     unsigned long long ino;
@@ -1253,6 +1363,12 @@ static PyMethodDef methods[] = {
      "fp_enable(attr_timeout, readdir=None) -> bool: answer table hits in C from now on;\n"
      "readdir(ino, size, off) -> bytes of fuse_dirent records, or an errno, answers plain\n"
      "READDIR (asked for at INIT only if given before it)"},
+    {"fileops_enable", py_fileops_enable, METH_VARARGS,
+     "fileops_enable(cb): cb(op, ino, fh, a, b, c) -> result or -errno answers FALLOCATE\n"
+     "(op 0: mode, off, len) and LSEEK (op 1: off, whence) on files without a table fd;\n"
+     "cb(..., req) may return FILEOP_PENDING (1 << 62) and answer later (fileop_reply)"},
+    {"fileop_reply", py_fileop_reply, METH_VARARGS,
+     "fileop_reply(req, op, result): answer a request cb returned FILEOP_PENDING for"},
     {"fp_set", py_fp_set, METH_VARARGS, "fp_set(ino, fd, flags): flags 0 removes the entry"},
     {"fp_clear", py_fp_clear, METH_VARARGS, "fp_clear(ino)"},
     {"fp_get", py_fp_get, METH_VARARGS, "fp_get(ino) -> (fd, flags) or None"},

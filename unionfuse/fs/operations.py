@@ -138,6 +138,9 @@ class DirCache:
         self.plain: tuple[bytes, array.array, list[int]] | None = None
 
 
+FILEOP_PENDING = 1 << 62  # fileop: the answer comes later (fs/_fuseshim.c FO_PENDING)
+
+
 def _dir_key(name: bytes) -> int:
     return (hash(name) & 0x3FFFFFFFFFFFFFFF) + 1
 
@@ -1544,6 +1547,65 @@ class UnionOperations(pyfuse3.Operations):
                 return os.pwrite(h.fd, buf, off)
             return os.pwrite(await self._file_fd(node, True), buf, off)
         return os.pwrite(self.handles[fh].fd, buf, off)
+
+    def fileop(self, op: int, ino: int, fh: int, a: int, b: int, c: int, req: int) -> int:
+        """FALLOCATE (op 0: mode a, offset b, length c) and LSEEK (op 1: offset a, whence
+        b) on a file the C fast path has no fd for (fs/_fuseshim.c calls this, outside
+        pyfuse3; pyfuse3 has neither): the result, or -errno."""
+        try:
+            if fh & INO_TAG:
+                node = self.table.get(fh & INO_MASK)
+                h = node.fdh if node is not None else None
+                writable = h is not None and h.writable and node.in_upper
+            else:
+                h = self.handles.get(fh)
+                writable = h is not None and h.upper
+            if h is not None and (op == 1 or writable):
+                if op == 0:
+                    copyup.fallocate(h.fd, a, b, c)
+                    return 0
+                return os.lseek(h.fd, a, b)
+            # no fd of ours yet (the kernel opened it without OPEN): the file's own
+            # data, on an fd of its own; a lower file is copied up first, in a task
+            # that answers when done
+            node = self.table.get(ino)
+            if node is None or node.is_dir:
+                return -errno.EBADF
+            if op == 0 and not node.in_upper:
+                if self.worker_nursery is None or self.fastpath is None:
+                    return -errno.EOPNOTSUPP
+                self.worker_nursery.start_soon(self._fallocate_later, req, node, a, b, c)
+                return FILEOP_PENDING
+            real = self._real(node)
+            if real is None:
+                return -errno.ENOENT
+            fd, writable = self._open_file(node, real, op == 0)
+            try:
+                if op == 0:
+                    copyup.fallocate(fd, a, b, c)
+                    return 0
+                return os.lseek(fd, a, b)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+        except Exception:
+            log.exception("fileop(%d, %d)", op, ino)
+            return -errno.EIO
+
+    async def _fallocate_later(self, req: int, node: Node, mode: int, off: int, n: int):
+        try:
+            fd = await self._file_fd(node, True)
+            copyup.fallocate(fd, mode, off, n)
+            r = 0
+        except pyfuse3.FUSEError as e:
+            r = -e.errno
+        except OSError as e:
+            r = -(e.errno or errno.EIO)
+        except Exception:
+            log.exception("fallocate(%d)", node.ino)
+            r = -errno.EIO
+        self.fastpath.fileop_reply(req, 0, r)
 
     # No flush handler: pyfuse3 answers ENOSYS once and the kernel stops sending FLUSH on
     # every close (dirty pages are still written back and their errors reported).

@@ -18,9 +18,11 @@ image-spec layer.md: a whiteout only applies to lower layers).
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 
 WH_PREFIX = b".wh."
@@ -239,7 +241,7 @@ class Layers:
     def real(self, idx: int, rel: bytes) -> bytes:
         root = self.roots[idx]
         assert root is not None
-        return root if not rel else root + b"/" + rel
+        return root if not rel else short_path(root + b"/" + rel)
 
     def upper(self, rel: bytes) -> bytes:
         return self.real(0, rel)
@@ -462,3 +464,52 @@ def _maybe_device(e: os.DirEntry) -> bool:
         )
     except OSError:
         return False
+
+
+# -- paths longer than the kernel takes ---------------------------------------------------
+#
+# A merged path may be as long as PATH_MAX (the kernel hands us one name at a time), so
+# a layer root + that path may not fit in one syscall (ENAMETOOLONG: pjdfstest's */03.t).
+# Such a path is reached through an O_PATH fd on its parent dir, opened a few components
+# at a time: "/proc/self/fd/N/NAME" works for every path call (stat, open, rename,
+# xattrs...) and, joined with more names, for the names below.  The fds are closed
+# after SHORT_KEEP more long paths (a caller uses its path at once).
+
+SHORT_AT = 3800  # with a 255-byte name added, still under PATH_MAX (4096)
+SHORT_KEEP = 512
+_short_fds: collections.deque[int] = collections.deque()
+_short_lock = threading.Lock()
+
+
+def _open_dir_chain(path: bytes) -> int:
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open(b"/", flags)
+    try:
+        chunk: list[bytes] = []
+        size = 0
+        parts = [p for p in path.split(b"/") if p]
+        for i, part in enumerate(parts):
+            chunk.append(part)
+            size += len(part) + 1
+            if size > 3000 or i == len(parts) - 1:
+                nfd = os.open(b"/".join(chunk), flags, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+                chunk, size = [], 0
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def short_path(path: bytes) -> bytes:
+    """*path*, or for one too long for a syscall an equivalent short one (see above)."""
+    if len(path) < SHORT_AT:
+        return path
+    parent, _, name = path.rpartition(b"/")
+    fd = _open_dir_chain(parent)
+    with _short_lock:
+        _short_fds.append(fd)
+        while len(_short_fds) > SHORT_KEEP:
+            os.close(_short_fds.popleft())
+    return b"/proc/self/fd/%d/%s" % (fd, name)
