@@ -47,6 +47,8 @@ class Ops:
             d_ino, _, ln, _ = DIRENT.unpack_from(buf, i)
             out[buf[i + 24 : i + 24 + ln]] = d_ino
             i += (24 + ln + 7) & ~7
+        assert out.pop(b".") == ino
+        del out[b".."]
         return out
 
     def plus(self, ino: int) -> dict[bytes, int]:
@@ -65,6 +67,8 @@ class Ops:
             self.run("releasedir", fh)
         finally:
             pyfuse3.readdir_reply = orig
+        assert out.pop(b".") == ino
+        del out[b".."]
         return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 
 import pytest
 
@@ -169,3 +170,27 @@ def test_seek_data_and_hole(mounts, dirs, extra):
         assert os.lseek(fd, 2 * mib, os.SEEK_HOLE) == 2 * mib + 8192
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("extra", MODES)
+def test_listings_have_dot_and_dotdot(mounts, dirs, extra):
+    for i in range(400):  # a listing that spans several replies
+        (dirs["l1"] / "low" / "big").mkdir(parents=True, exist_ok=True)
+        (dirs["l1"] / "low" / "big" / ("name%04d" % i)).write_bytes(b"")
+    d = mounts.union([dirs["l1"]], dirs["upper"], dirs["work"], extra=extra)
+    mp = d.mountpoint
+    os.mkdir(os.path.join(mp, "new"))
+    for rel, parent, n in (("", "", 2), ("low", "", 1), ("low/big", "low", 400),
+                           ("new", "", 0)):
+        path = os.path.join(mp, rel)
+        for _ in range(2):  # READDIRPLUS first, then (from the C shim) plain READDIR
+            out = subprocess.run(["ls", "-1fai", path], check=True, capture_output=True,
+                                 text=True).stdout.split("\n")
+            ents = [ln.split() for ln in out if ln.strip()]
+            names = [e[1] for e in ents]
+            assert sorted(names).count(".") == 1 and names.count("..") == 1, rel
+            assert len(names) == n + 2, rel
+            ino = {e[1]: int(e[0]) for e in ents}
+            assert ino["."] == os.stat(path).st_ino
+            if rel:  # (ls shows the covered dir's number for a mount root's "..")
+                assert ino[".."] == os.stat(os.path.join(mp, parent)).st_ino

@@ -270,7 +270,9 @@ def test_records_resume_and_fit(dirs):
     whole = ops.readdir_plain(node.ino, 1 << 20, 0)
     recs = parse(whole)
     names = {r[0] for r in recs}
-    assert len(recs) == len(names) == 300 + 7  # f*, sl, ff, sub, hl_a, hl_b, shadow, l1only
+    # ".", "..", f*, sl, ff, sub, hl_a, hl_b, shadow, l1only
+    assert len(recs) == len(names) == 2 + 300 + 7
+    assert recs[:2] == [(b".", node.ino, 1, 4), (b"..", 1, 2, 4)]
     assert b"gone" not in names and not any(n.startswith(b".wh.") for n in names)
     offs = [r[2] for r in recs]
     assert offs == sorted(offs) and len(set(offs)) == len(offs) and offs[0] > 0

@@ -142,7 +142,26 @@ FILEOP_PENDING = 1 << 62  # fileop: the answer comes later (fs/_fuseshim.c FO_PE
 
 
 def _dir_key(name: bytes) -> int:
-    return (hash(name) & 0x3FFFFFFFFFFFFFFF) + 1
+    return (hash(name) & 0x3FFFFFFFFFFFFFFF) + 3  # 1 and 2: "." and ".." (_DOTS)
+
+
+_DOTS = ((1, b"."), (2, b".."))
+
+
+def _dot_inos(node: Node) -> tuple[int, int]:
+    """The st_ino of "." and ".." in *node*'s listing (the root is its own parent)."""
+    parent = node.parent
+    return node.ino, (parent.ino if parent is not None else node.ino)
+
+
+def _dot_records(node: Node, off: int) -> bytes:
+    """Plain READDIR records for "." and ".." after offset *off* (see readdir_plain)."""
+    out = b""
+    for (key, name), ino in zip(_DOTS, _dot_inos(node)):
+        if off < key:
+            rec = _DIRENT.pack(ino, key, len(name), _DT_DIR) + name
+            out += rec + b"\0" * (-len(rec) & 7)
+    return out
 
 
 class DirHandle:
@@ -1652,6 +1671,15 @@ class UnionOperations(pyfuse3.Operations):
         # Offsets are positions in hash order (see DirCache), not in one listing: a
         # reader resumes after the last name it got even if the dir changed meanwhile,
         # so names present throughout come exactly once.
+        if start_id < 2:  # "." and "..": the kernel takes no reference on them
+            for (key, dname), ino in zip(_DOTS, _dot_inos(node)):
+                if start_id < key:
+                    ea = pyfuse3.EntryAttributes()
+                    ea.st_ino = ino
+                    ea.st_mode = stat.S_IFDIR
+                    ea.entry_timeout = ea.attr_timeout = 0
+                    if not pyfuse3.readdir_reply(token, dname, ea, key):
+                        return
         keys = dc.keys
         start = bisect.bisect_right(keys, start_id) if start_id else 0
         names = dc.names
@@ -1706,9 +1734,11 @@ class UnionOperations(pyfuse3.Operations):
             if plain is None:
                 plain = dc.plain = self._plain_listing(node, ppath, dc)
             buf, pos, keys = plain
+            dots = _dot_records(node, off) if off < 2 else b""
+            size -= len(dots)
             i = bisect.bisect_right(keys, off) if off else 0
             j = bisect.bisect_right(pos, pos[i] + size, i) - 1  # whole records only
-            return buf[pos[i] : pos[j]]
+            return dots + buf[pos[i] : pos[j]] if dots else buf[pos[i] : pos[j]]
         except OSError as e:
             return e.errno or errno.EIO
         except Exception:
