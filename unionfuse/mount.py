@@ -409,17 +409,23 @@ def serve(spec: MountSpec) -> int:
     import pyfuse3
     import trio
 
-    from .fs import fastwait
+    from .fs import fastwait, layermount
     from .fs.operations import NO_SPAWN, UnionOperations
 
     spec.check()
     os.umask(0)
     enc = os.fsencode
+    # Hold no layer's mount busy (fs/layermount.py): layers through private clones of
+    # their mounts, and no cwd anywhere but /.
+    spec.mountpoint = os.path.abspath(spec.mountpoint)
+    lowers, upper, work = layermount.private_paths(
+        [enc(os.path.realpath(x)) for x in spec.lowers],  # (a layer may be a symlink: l/ links)
+        enc(os.path.abspath(spec.upper)) if spec.upper else None,
+        enc(os.path.abspath(spec.work)) if spec.work else None)
+    os.chdir("/")
     try:
         ops = UnionOperations(
-            [enc(os.path.realpath(x)) for x in spec.lowers],  # (a layer may be a symlink: l/ links)
-            enc(os.path.abspath(spec.upper)) if spec.upper else None,
-            enc(os.path.abspath(spec.work)) if spec.work else None,
+            lowers, upper, work,
             whiteout=spec.whiteout,
             timeout=spec.timeout,
             idmap=_idmap(spec),
