@@ -14,7 +14,7 @@ while the overlay is mounted; the layer's superblock lives on until the clone go
 The daemon does the same with ``open_tree(OPEN_TREE_CLONE)``: a detached copy of the
 mount, rooted at the layer, in no namespace and reachable only through the fd
 ``open_tree`` returns.  Every path the daemon uses then starts with
-``/proc/self/fd/N/``, whose walk lands in the clone, so what it opens references the
+``/proc/self/fd/N/./``, whose walk lands in the clone, so what it opens references the
 clone and never the mount in the caller's namespace.  The clones (and with them the
 layers' superblocks) go away when the daemon exits; ``unionfuse umount`` waits for
 that.
@@ -68,7 +68,8 @@ def _clone(base: bytes, rels: list[bytes]) -> list[bytes] | None:
     except OSError as e:
         log.debug("no private clone of %r: %s", base, e)
         return None
-    root = b"/proc/self/fd/%d" % fd
+    # "/.": the bare /proc/self/fd/N would lstat (and O_NOFOLLOW-open) as the link
+    root = b"/proc/self/fd/%d/." % fd
     out = [root + b"/" + r if r else root for r in rels]
     if not all(_same(os.path.join(base, r) if r else base, p) for r, p in zip(rels, out)):
         log.debug("the clone of %r does not show the layer (a mount below it?)", base)
