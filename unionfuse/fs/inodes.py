@@ -26,6 +26,19 @@ _PRIVATE_BASE = 1 << 62
 # or forgotten by the kernel; layers on another filesystem than the upper), at most
 # this many
 PROMISE_MAX = 32_768
+# Objects of a layer on another filesystem than the upper get a number made from their
+# real one, as overlayfs' xino does: bit 61, 20 bits of st_dev, the real st_ino if it
+# fits in 40 bits (below _PRIVATE_BASE; node ids stay under 2**63 for C's int64).  The same after a remount (and with the layers rotated), so st_ino
+# stays put across remounts and copy-ups there too.  Otherwise (or on a clash with a
+# live node) a counter from _PRIVATE_BASE.
+_XINO_BASE = 1 << 61
+
+
+def _xino(dev: int, ino: int) -> int | None:
+    if not 0 < ino < (1 << 40):
+        return None
+    d = ((os.major(dev) & 0xFF) << 12 | (os.minor(dev) & 0xFFF)) ^ (os.minor(dev) >> 12)
+    return _XINO_BASE | (d & 0xFFFFF) << 40 | ino
 
 
 class Node:
@@ -153,6 +166,10 @@ class InodeTable:
         dev, ino = key
         if dev == self.upper_dev and ROOT_INODE < ino < _PRIVATE_BASE and ino not in self.by_ino:
             return ino  # new() gives the real number while nothing else holds it
+        if dev != self.upper_dev:
+            x = _xino(dev, ino)
+            if x is not None and x not in self.by_ino:
+                return x  # new() gives it while nothing else holds it
         ino = next(self._private)
         self._promise(key, ino)
         return ino
@@ -167,7 +184,10 @@ class InodeTable:
         promised = self._promised.pop(key, None) if self._promised else None
         if promised is not None:
             ino = promised
-        elif dev != self.upper_dev or ino in self.by_ino or ino <= ROOT_INODE or ino >= _PRIVATE_BASE:
+        elif dev != self.upper_dev:
+            x = _xino(dev, ino)
+            ino = x if x is not None and x not in self.by_ino else next(self._private)
+        elif ino in self.by_ino or ino <= ROOT_INODE or ino >= _PRIVATE_BASE:
             ino = next(self._private)
         node = Node(ino, key, is_dir)
         self.by_ino[ino] = node

@@ -11,8 +11,9 @@ passthrough, its cwd) counts against the mount the layer lives on, and an
 Kernel overlayfs does not pin its layers' mounts at all: it works through a private,
 detached clone of each (``clone_private_mount``), so ``umount LAYERFS`` succeeds even
 while the overlay is mounted; the layer's superblock lives on until the clone goes.
-The daemon does the same with ``open_tree(OPEN_TREE_CLONE)``: a detached copy of the
-mount, rooted at the layer, in no namespace and reachable only through the fd
+The daemon does the same with ``open_tree(OPEN_TREE_CLONE|AT_RECURSIVE)``: a detached
+copy of the mount (and of those below the layer, which the daemon crosses), rooted at
+the layer, in no namespace and reachable only through the fd
 ``open_tree`` returns.  Every path the daemon uses then starts with
 ``/proc/self/fd/N/./``, whose walk lands in the clone, so what it opens references the
 clone and never the mount in the caller's namespace.  The clones (and with them the
@@ -35,6 +36,7 @@ log = logging.getLogger("unionfuse.layermount")
 
 _SYS_OPEN_TREE = 428  # the same on every architecture's unified syscall table (5.2+)
 _OPEN_TREE_CLONE = 1
+_AT_RECURSIVE = 0x8000  # with the mounts below the layer (the daemon crosses them)
 _AT_FDCWD = -100
 
 # fds of the clones: open for the daemon's lifetime (closed by its exit)
@@ -45,7 +47,7 @@ def _open_tree_clone(path: bytes) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     fd = libc.syscall(ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(path),
-                      ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC))
+                      ctypes.c_uint(_OPEN_TREE_CLONE | _AT_RECURSIVE | os.O_CLOEXEC))
     if fd < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), path)
