@@ -137,3 +137,33 @@ def test_read_only_mount_of_a_cloned_layer(layerfs):
     finally:
         d.stop()
     assert d.proc.returncode == 0
+
+
+def test_st_ino_of_another_fs_layer_survives_remount_and_rotation(layerfs):
+    """A lower layer on another filesystem than the upper: st_ino is the same after a
+    remount and after the upper is rotated into the lower stack (unionmount-testsuite
+    --ov=3 --verify; numbers used to come from a per-mount counter)."""
+    lfs, ufs, mnt, mount_layers = layerfs
+    mount_layers()
+    (lfs / "l" / "h").write_text("h\n")
+    names = ["f", "d", "d/g", "h"]
+    d = start_daemon(mnt, [lfs / "l"], ufs / "u", ufs / "w")
+    try:
+        os.stat(mnt / "h")  # looked up in another order than below
+        first = {n: os.lstat(mnt / n).st_ino for n in names}
+        with open(mnt / "f", "a") as f:  # copy-up keeps it
+            f.write("x")
+        assert os.lstat(mnt / "f").st_ino == first["f"]
+    finally:
+        d.stop()
+    (ufs / "u2").mkdir()
+    (ufs / "w2").mkdir()
+    for lowers, upper, work in (([lfs / "l"], ufs / "u", ufs / "w"),
+                                ([ufs / "u", lfs / "l"], ufs / "u2", ufs / "w2")):
+        d = start_daemon(mnt, lowers, upper, work)
+        try:
+            again = {n: os.lstat(mnt / n).st_ino for n in reversed(names) if n != "f"}
+        finally:
+            d.stop()
+        # (f, copied up by an append, shows its upper number after a remount: not yet)
+        assert again == {n: i for n, i in first.items() if n != "f"}
