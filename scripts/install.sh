@@ -75,12 +75,12 @@ want="$PYEXE $ROOT $(cat "$ROOT/pyproject.toml" "$ROOT/unionfuse/fs/_fuseshim.c"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] ||
     ! (cd / && "$PYEXE" -c '
 import sys, os, importlib.util as u
-for m in ("pyfuse3", "trio", "pytest", "pytest_trio", "hypothesis"):
+for m in ("pyfuse3", "trio", "pytest", "pytest_trio", "hypothesis", "grpc"):
     if u.find_spec(m) is None: sys.exit(1)
 s = u.find_spec("unionfuse")
 sys.exit(s is None or os.path.dirname(s.origin) != os.path.join(sys.argv[1], "unionfuse"))
 ' "$ROOT") 2>/dev/null; then
-    say "pip install -e '.[test]' with $PYEXE"
+    say "pip install -e '.[test,snapshotter]' with $PYEXE"
     pipflags=(-q --disable-pip-version-check --root-user-action=ignore)
     # Debian's own python3 refuses pip installs (PEP 668) unless told otherwise.
     stdlib=$("$PYEXE" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
@@ -88,7 +88,7 @@ sys.exit(s is None or os.path.dirname(s.origin) != os.path.join(sys.argv[1], "un
         pipflags+=(--break-system-packages)
     fi
     # compat: a plain path entry in site-packages (a finder hook would cost ~10 ms per start)
-    (cd "$ROOT" && "$PYEXE" -m pip install "${pipflags[@]}" -e '.[test]' --config-settings editable_mode=compat)
+    (cd "$ROOT" && "$PYEXE" -m pip install "${pipflags[@]}" -e '.[test,snapshotter]' --config-settings editable_mode=compat)
     mkdir -p "$STAMP_DIR"
     echo "$want" >"$STAMP"
 fi

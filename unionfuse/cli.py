@@ -13,7 +13,7 @@ from .errors import UnionfuseError, UsageError
 SUBCOMMANDS = (
     "mount", "umount", "unmount", "import", "images", "tag", "rmi", "inspect", "history", "prune",
     "run", "ps", "start", "stop", "kill", "rm", "logs", "exec", "diff", "commit", "_shim",
-    "save", "load", "pull", "push", "build", "_zygote",
+    "save", "load", "pull", "push", "build", "_zygote", "snapshotter",
 )
 
 log = logging.getLogger("unionfuse")
@@ -79,11 +79,28 @@ def build_parser(with_commands: bool = True, only: str | None = None) -> argpars
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
 
+    if with_commands and only in (None, "snapshotter"):
+        _add_snapshotter_parser(sub)
     if with_commands:
         from . import commands
 
         commands.add_parsers(sub if only is None else _OnlySub(sub, only))
     return p
+
+
+def _add_snapshotter_parser(sub) -> None:
+    s = sub.add_parser(
+        "snapshotter", help="serve containerd's snapshots API (a proxy plugin)",
+        description="Serve containerd's snapshots gRPC API on a unix socket, for a "
+        "[proxy_plugins.NAME] entry of type \"snapshot\" in containerd's config.toml. Each "
+        "active snapshot is a unionfuse mount of its parent chain; its mounts outlive this "
+        "process and are found again (or re-made) when it restarts. Stop with SIGTERM.")
+    s.add_argument("--address", default="/run/unionfuse/snapshotter.sock", metavar="SOCK",
+                   help="unix socket to listen on (default /run/unionfuse/snapshotter.sock)")
+    s.add_argument("--root", dest="snapshotter_root", default="/var/lib/unionfuse/snapshotter",
+                   metavar="DIR", help="state dir: metadata and snapshot layers "
+                   "(default /var/lib/unionfuse/snapshotter)")
+    s.add_argument("--debug", action="store_true", dest="sub_debug", help=argparse.SUPPRESS)
 
 
 class _Absorb:
@@ -253,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_mount(a, debug)
         if a.command in ("umount", "unmount"):
             return cmd_umount(a)
+        if a.command == "snapshotter":
+            from .snapshotter import service  # grpc: imported by this command only
+
+            return service.main(a.address, a.snapshotter_root, debug)
         if a.command:
             from . import commands
 

@@ -1,0 +1,1 @@
+"""containerd snapshotter (proxy plugin) backed by unionfuse mounts."""

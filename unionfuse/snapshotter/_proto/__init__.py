@@ -1,0 +1,1 @@
+"""Generated containerd snapshots API stubs (see scripts/gen-snapshotter-proto.sh)."""
