@@ -232,6 +232,7 @@ def helper_main(argv: list[str]) -> int:
     spec = mountmod.MountSpec(mountpoint=a.words[-1], lowers=[])
     for o in a.options:
         mountmod.apply_options(spec, mountmod.split_options(o), lenient=overlay_form)
+    mountmod.undo_idmapped_layers(spec)
     spec.check()
     if a.foreground or a.debug:
         return mountmod.serve(spec)

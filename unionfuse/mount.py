@@ -110,6 +110,75 @@ class MountSpec:
                     raise UsageError(f"upperdir must not be inside a lower layer: {low}")
 
 
+def undo_idmapped_layers(spec: MountSpec) -> None:
+    """containers/storage before 1.45 hands a mount_program with uidmapping= lowers on
+    kernel id-mapped mounts of the same mapping (``<layer>/mapped/N/...``), and detaches
+    those mounts as soon as the program returns: shifting owners again would show them
+    twice shifted, and the paths would be gone.  For an id-mapped spec, each layer on an
+    id-mapped mount is replaced by the same directory seen through a plain mount of its
+    filesystem (checked: same device and inode)."""
+    if not spec.id_mapped:
+        return
+    try:
+        mounts = _mountinfo()
+    except OSError:
+        return
+    if not any(m[3] for m in mounts):
+        return
+    spec.lowers = [_unmapped(x, mounts) for x in spec.lowers]
+
+
+def _mountinfo() -> list[tuple[bytes, bytes, bytes, bool]]:
+    """(device, root in its filesystem, mount point, id-mapped) per mount."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            parts = line.split()
+            out.append((parts[2], _unescape_mountinfo(parts[3]), _unescape_mountinfo(parts[4]),
+                        b"idmapped" in parts[5].split(b",")))
+    return out
+
+
+def _unmapped(path: str, mounts) -> str:
+    real = os.fsencode(os.path.realpath(path))
+
+    def under(p: bytes, top: bytes) -> bytes | None:  # p relative to top, or None
+        if top == b"/":
+            return p
+        if p == top:
+            return b"/"
+        return p[len(top):] if p.startswith(top + b"/") else None
+
+    best = None
+    for m in mounts:  # the last (top-most) of the longest mount points holding real
+        rel = under(real, m[2])
+        if rel is not None and (best is None or len(m[2]) >= len(best[0][2])):
+            best = (m, rel)
+    if best is None or not best[0][3]:
+        return path
+    (dev, root, _, _), rel = best
+    in_fs = root.rstrip(b"/") + rel if rel != b"/" else root
+    try:
+        want = os.stat(real)
+    except OSError:
+        return path
+    for m in mounts:
+        if m[0] != dev or m[3]:
+            continue
+        r = under(in_fs, m[1])
+        if r is None:
+            continue
+        cand = m[2].rstrip(b"/") + r if r != b"/" else m[2]
+        try:
+            st = os.stat(cand)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            log.debug("layer %s: on an id-mapped mount, served from %s", path, os.fsdecode(cand))
+            return os.fsdecode(cand)
+    return path
+
+
 def split_options(opts: str) -> list[str]:
     """Split a -o string on commas, honouring backslash escapes (\\, and \\:) and
     double quotes (context="...:c1,c2", as containers/storage writes an SELinux label)."""
