@@ -12,7 +12,7 @@ from . import fmt
 from .errors import UnionfuseError, UsageError
 from .runtime.container import Containers, RunOptions, default_driver
 from .store import imageconfig
-from .store.store import Conflict, Image, NotFound, Store, normalize_ref
+from .store.store import Conflict, Image, ImageInUse, NotFound, Store, normalize_ref
 
 
 class RunError(UnionfuseError):
@@ -239,7 +239,6 @@ def cmd_rmi(a) -> int:
     for name in a.images:
         try:
             image = store.resolve(name)
-            users = [c for c in cs.all() if c.rec["image_id"] == image.id]
             refs = store.refs_of(image.id)
             by_ref = False
             try:
@@ -250,15 +249,18 @@ def cmd_rmi(a) -> int:
                 store.untag(name)
                 print(f"Untagged: {normalize_ref(name)}")
                 continue
-            if users and not a.force:
+            try:
+                # users are counted under the store lock: a `run` creating a container
+                # either comes first (and keeps the image) or finds it gone
+                gone, deleted = store.remove_image(
+                    image, lambda: [c for c in cs.all() if c.rec["image_id"] == image.id], a.force)
+            except ImageInUse as e:
                 raise Conflict(f"conflict: unable to remove image {name} ({image.short_id}): "
-                               f"container {users[0].short_id} ({users[0].name}) uses it (use -f)")
-            for r in refs:
-                store.untag(r)
+                               f"container {e.user.short_id} ({e.user.name}) uses it (use -f)") from None
+            for r in gone:
                 print(f"Untagged: {r}")
-            if users:
+            if not deleted:
                 continue  # -f: the name goes; the layers stay while a container uses them
-            store.delete_image(image)
             print(f"Deleted: {image.id}")
             store.gc_layers(cs.layers_in_use)
         except UnionfuseError as e:
@@ -379,13 +381,25 @@ def cmd_prune(a) -> int:
     for c in cs.all():
         cs.refresh(c)
         if c.state != "running":
-            cs.remove(c)
+            try:
+                cs.remove(c)
+            except (Conflict, NotFound):
+                continue  # being started, or removed meanwhile: not ours to prune
             print(f"Deleted container: {c.id}")
-    keep = set(store.refs().values()) | cs.images_in_use()
+    keep = set(store.refs().values()) | cs.images_in_use() | store.pinned_images()
     keep |= _ancestors(store, keep, _build_cache_ids(store))  # build cache of live images
+
+    def keep_now():  # (under the store lock: what a concurrent run/tag/build just started using)
+        return keep | set(store.refs().values()) | cs.images_in_use() | store.pinned_images()
+
     for iid in store.image_ids():
-        if iid not in keep:
-            store.delete_image(store.image_by_id(iid))
+        if iid in keep:
+            continue
+        try:
+            image = store.image_by_id(iid)
+        except UnionfuseError:
+            continue  # removed meanwhile (or unreadable: left for rmi to report)
+        if store.delete_image(image, keep=keep_now):
             print(f"Deleted image: {iid}")
     from .build.cache import BuildCache
 
@@ -570,7 +584,7 @@ def cmd_diff(a) -> int:
     c = cs.get(a.container)
     from .store.changes import changes  # (not imported for `run`)
 
-    with cs.paused(c):
+    with cs.using(c), cs.paused(c):
         found = changes(c.path("upper"), c.lower_dirs())
     for kind, path in found:
         print(f"{kind} {path}")
@@ -591,7 +605,8 @@ def cmd_commit(a) -> int:
         cfg["author"] = a.author
     for ch in a.change:  # checked before a layer is stored
         imageconfig.apply_change(cfg, ch)
-    with cs.paused(c):
+    # (an `rm -f` meanwhile waits until the layer is read; one that came first: NotFound)
+    with cs.using(c), cs.paused(c):
         cfg["rootfs"]["diff_ids"].append(store.add_layer_from_dir(c.path("upper"), lowers=c.lower_dirs()))
     image = store.put_image(cfg, ref=a.ref)
     print(image.id)

@@ -292,6 +292,14 @@ class Builder:
 
     # -- stages --------------------------------------------------------------------------
 
+    def _pin(self, ins: Instr, image: Image) -> None:
+        """Keep an image this build works from (and its layers) from a concurrent
+        rmi/prune until the build ends."""
+        try:
+            self.store.pin(image)
+        except NotFound as e:
+            raise BuildError(f"{self._where(ins)}: {ins.cmd}: {e.message}") from None
+
     def _step(self, ins: Instr) -> None:
         self.n += 1
         self.progress.step(self.n, self.total, ins.text)
@@ -316,6 +324,7 @@ class Builder:
                 image = self.store.resolve(base)
             except (NotFound, StoreError):
                 raise BuildError(f"{self._where(fi)}: FROM {base}: no such image or build stage") from None
+        self._pin(fi, image)
         st = StageState(s, image)
         self.progress.step_done(image.short_id, cached=False)
         triggers = list(image.run_config.get("OnBuild") or [])
@@ -360,10 +369,16 @@ class Builder:
         if not self.opts.no_cache:
             hit = self.cache.get(parent.id, key)
             if hit is not None:
+                try:
+                    self.store.pin(hit)  # (a concurrent prune may have taken it: a miss)
+                except NotFound:
+                    hit = None
+            if hit is not None:
                 st.image = hit
                 self.progress.step_done(hit.short_id, cached=True)
                 return
         image = produce()
+        self.store.pin(image)
         self.cache.put(parent.id, key, image.id)
         st.image = image
         self.progress.step_done(image.short_id, cached=False)
@@ -647,7 +662,8 @@ class Builder:
                     code = self.containers.start(c, attach=True)
                 if code != 0:
                     raise BuildError(f"{self._where(ins)}: RUN returned exit code {code}", code or 1)
-                diff_id = self.store.add_layer_from_dir(c.path("upper"), c.lower_dirs())
+                with self.containers.using(c):  # (a concurrent prune waits for the layer)
+                    diff_id = self.store.add_layer_from_dir(c.path("upper"), c.lower_dirs())
             finally:
                 try:
                     self.containers.remove(c, force=True)
@@ -794,9 +810,11 @@ class Builder:
                 raise BuildError(f"{self._where(ins)}: COPY --from={ref}: stage is not defined before this one")
             return self.results[idx]
         try:
-            return self.store.resolve(ref)
+            image = self.store.resolve(ref)
         except (NotFound, StoreError):
             raise BuildError(f"{self._where(ins)}: COPY --from={ref}: no such build stage or image") from None
+        self._pin(ins, image)
+        return image
 
     def _target(self, root: fsops.ScopedRoot, dest: str, dir_hint: bool, base: str) -> list[str]:
         """Where one file source goes: DEST/BASENAME if DEST ends in / or is a dir in the

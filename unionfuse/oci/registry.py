@@ -22,6 +22,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import http.client
 import json
 import os
@@ -719,6 +721,40 @@ def pull(store: Store, name: str, *, tls_verify: bool = True, creds: tuple[str, 
         if ld.get("mediaType") in local.FOREIGN_LAYERS:
             raise RegistryError(f"{ref}: foreign layer {ld['digest'][:19]} can't be pulled")
     downloads = local.oci_dir(store, "downloads")
+    # A pull of the same blob by another process (two pulls of one image) shares the
+    # download file: each blob is locked (flock on downloads/<hex>.lock) from its download
+    # to its import; the second pull waits, then finds the layer in the store.  Taken in
+    # digest order, so pulls of images sharing layers in any order can't deadlock.
+    locks = contextlib.ExitStack()
+    with locks:
+        for digest in sorted({ld["digest"] for ld, d in zip(layers, diff_ids) if not store.has_layer(d)}):
+            locks.enter_context(_blob_lock(downloads, digest))
+        return _pull_locked(store, c, ref, repo, mdigest, config, layers, diff_ids, downloads, progress, tag_image)
+
+
+@contextlib.contextmanager
+def _blob_lock(downloads: str, digest: str):
+    """flock on downloads/<hex>.lock, removed by its holder when done (a waiter that
+    then wins the old, unlinked file sees it is not the one at the path, and retries)."""
+    path = os.path.join(downloads, check_digest(digest) + ".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _pull_locked(store, c, ref, repo, mdigest, config, layers, diff_ids, downloads, progress, tag_image):
     fetched: dict[str, str] = {}
     repo_key = f"{ref.registry}/{repo}"
     # 1. every missing blob, verified (resumable)

@@ -52,7 +52,9 @@ SHIM_ALREADY_RUNNING = 3
 
 
 class _RunLock:
-    """containers/<id>/lock, held (flock) by the process that runs the container."""
+    """containers/<id>/lock, held (flock) by the process that runs the container, and
+    by its creator from the moment the container exists until a runner takes over (so
+    a concurrent prune/rm never removes a container that is about to start)."""
 
     def __init__(self, c: "Container"):
         self.path = c.path("lock")
@@ -72,6 +74,31 @@ class _RunLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+RUNLOCK_FD_ENV = "UNIONFUSE_RUNLOCK_FD"  # the creator's run lock, handed to the shim
+
+
+def _take_run_lock(c: "Container") -> _RunLock:
+    """The run lock of *c*: the one its creator (or the CLI that started this shim)
+    handed over, else a fresh try; AlreadyRunning when someone else holds it."""
+    lock = c.__dict__.pop("_runlock", None)
+    if lock is not None:
+        return lock
+    fd = os.environ.pop(RUNLOCK_FD_ENV, None)
+    if fd is not None and fd.isdigit():
+        lock = _RunLock(c)
+        try:
+            if os.path.samestat(os.fstat(int(fd)), os.stat(lock.path)):
+                os.set_inheritable(int(fd), False)
+                lock.fd = int(fd)
+                return lock
+        except OSError:
+            pass
+    lock = _RunLock(c)
+    if not lock.try_acquire():
+        raise AlreadyRunning(f"container {c.short_id} is already running")
+    return lock
 
 
 @dataclass
@@ -257,6 +284,9 @@ class Containers:
             "daemon_pid": None,
         }
         with self.store.lock():
+            # (an rmi/prune counts the users of an image under this lock too: the image
+            # is either still here, and kept for this container, or gone)
+            self.store.check_image(image)
             if any(c.name == rec["name"] for c in self.all()):
                 raise Conflict(f'the container name "{rec["name"]}" is already in use')
             d = os.path.join(self.base, cid)
@@ -264,8 +294,38 @@ class Containers:
             for sub in ("upper", "work", "rootfs", "bundle"):
                 os.mkdir(os.path.join(d, sub), 0o755 if sub != "work" else 0o700)
             c = Container(self, rec)
+            lock = _RunLock(c)
+            lock.try_acquire()  # new: nobody else can hold it yet
+            c._runlock = lock
             c.save()
         return c
+
+    def release(self, c: Container) -> None:
+        """Drop the run lock a creator holds (when it does not run the container)."""
+        lock = c.__dict__.pop("_runlock", None)
+        if lock is not None:
+            lock.release()
+
+    def using(self, c: Container):
+        """Hold a container's layer still in place for reading (commit, diff, a build
+        step's layer): `rm` waits for it.  NotFound if the container went meanwhile."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            try:
+                fd = os.open(c.path("use"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                raise NotFound(f"no such container: {c.name}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                if not os.path.exists(c.path("container.json")):
+                    raise NotFound(f"no such container: {c.name}")
+                yield c.reload()
+            finally:
+                os.close(fd)
+
+        return cm()
 
     # -- state ----------------------------------------------------------------------------
 
@@ -295,23 +355,35 @@ class Containers:
         mountmod.unmount_layers(c.path("rootfs"), c.rec.get("daemon_pid"), timeout=10)
 
     def remove(self, c: Container, force: bool = False) -> None:
-        self.refresh(c)
-        if c.state == "running":
-            if not force:
-                raise Conflict(f"you cannot remove a running container {c.short_id}: stop it first or use -f")
-            self.kill(c, "KILL")
-            self.wait(c, 10)
-        lock = _RunLock(c)
-        if not lock.try_acquire():  # a runner is starting it right now
-            raise Conflict(f"container {c.short_id} is starting: try again, or stop it first")
+        self.release(c)  # (its creator removing it: e.g. run --rm after a failed start)
+        try:  # a commit/diff reading its layer finishes first
+            use = os.open(c.path("use"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise NotFound(f"no such container: {c.name}") from None
         try:
-            self._cleanup_runtime(c)
-            if mountmod.mount_entry(c.path("rootfs")) is not None:
-                raise UnionfuseError(f"container {c.short_id}: rootfs still mounted")
-            trash = os.path.join(self.store.root, "tmp", f"{os.getpid()}-rm-{c.id[:16]}")
-            os.rename(c.dir, trash)
+            fcntl.flock(use, fcntl.LOCK_EX)
+            if not os.path.exists(c.path("container.json")):
+                raise NotFound(f"no such container: {c.name}")  # removed meanwhile
+            c.reload()
+            self.refresh(c)
+            if c.state == "running":
+                if not force:
+                    raise Conflict(f"you cannot remove a running container {c.short_id}: stop it first or use -f")
+                self.kill(c, "KILL")
+                self.wait(c, 10)
+            lock = _RunLock(c)
+            if not lock.try_acquire():  # a runner is starting it right now
+                raise Conflict(f"container {c.short_id} is starting: try again, or stop it first")
+            try:
+                self._cleanup_runtime(c)
+                if mountmod.mount_entry(c.path("rootfs")) is not None:
+                    raise UnionfuseError(f"container {c.short_id}: rootfs still mounted")
+                trash = os.path.join(self.store.root, "tmp", f"{os.getpid()}-rm-{c.id[:16]}")
+                os.rename(c.dir, trash)
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            os.close(use)
         shutil.rmtree(trash, ignore_errors=True)
 
     def kill(self, c: Container, sig: str = "KILL") -> None:
@@ -373,11 +445,19 @@ class Containers:
             raise Conflict(f"container {c.short_id} is already running")
         if attach:
             return self._run(c, attached=True, debug=log_debug)
-        shim = subprocess.Popen(
-            [sys.executable, "-m", "unionfuse", "--root", self.store.root, "_shim", c.id],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        lock = c.__dict__.pop("_runlock", None)
+        env = None
+        if lock is not None:  # the shim inherits it: no moment with the container unlocked
+            env = dict(os.environ, **{RUNLOCK_FD_ENV: str(lock.fd)})
+        try:
+            shim = subprocess.Popen(
+                [sys.executable, "-m", "unionfuse", "--root", self.store.root, "_shim", c.id],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, env=env, pass_fds=(lock.fd,) if lock is not None else (),
+            )
+        finally:
+            if lock is not None:
+                lock.release()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             c.reload()
@@ -413,9 +493,7 @@ class Containers:
         return code
 
     def _run(self, c: Container, attached: bool, debug: bool = False) -> int:
-        lock = _RunLock(c)
-        if not lock.try_acquire():
-            raise AlreadyRunning(f"container {c.short_id} is already running")
+        lock = _take_run_lock(c)
         try:
             c.reload()
             return self._run_locked(c, attached, debug)

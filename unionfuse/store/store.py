@@ -12,11 +12,20 @@ Layout::
       images/<hex>.json   the OCI image config; <hex> = sha256 of these bytes
       containers/<id>/    see unionfuse.runtime
       tmp/<pid>-<rand>/   staging; renamed into place when complete
+      tmp/<pid>-lease-<hex>, tmp/<pid>-pin-<hex>, tmp/<pid>-pinimg-<hex>
+                          a live process's hold on a layer / an image (gc and prune
+                          spare them; a dead process's are removed)
 
 Layer dirs and image configs are written once, in tmp/, then renamed into place; JSON
 metadata is replaced atomically (write + fsync + rename) under the lock, so a crash
 mid-import or mid-commit leaves no half-made layer referenced by anything, and several
 CLI commands may run at once.
+
+Locking follows containers/storage: one lock per store (flock on ROOT/lock), taken
+for short critical sections only (check-then-write of metadata, moving a finished layer
+into place, deciding what gc removes), never across a download, an unpack or a
+container's life.  Anything that must outlive a section (a layer about to be
+referenced, the images a build works from) is held by a pin file named by its pid.
 """
 
 from __future__ import annotations
@@ -49,6 +58,12 @@ class NotFound(StoreError):
 
 class Conflict(StoreError):
     exit_code = 1
+
+
+class ImageInUse(Conflict):
+    def __init__(self, user):
+        super().__init__("the image is in use")
+        self.user = user
 
 
 def now_iso() -> str:
@@ -158,13 +173,45 @@ class Store:
         return os.path.join(self.root, "tmp", f"{pid or os.getpid()}-lease-{_hex(diff_id)}")
 
     def _leased_layers(self) -> set[str]:
-        """Layers a live process has just added and not yet put in an image."""
+        """Layers a live process has just added and not yet put in an image, or pinned."""
+        return self._held("-lease-") | self._held("-pin-")
+
+    def pinned_images(self) -> set[str]:
+        """Images a live process works from (a build): prune spares them."""
+        return self._held("-pinimg-")
+
+    def _held(self, kind: str) -> set[str]:
         out = set()
         for name in os.listdir(os.path.join(self.root, "tmp")):
-            pid, _, rest = name.partition("-lease-")
+            pid, _, rest = name.partition(kind)
             if rest and pid.isdigit() and _alive(pid):
                 out.add("sha256:" + rest)
         return out
+
+    def pin(self, image: Image) -> None:
+        """Hold *image* and its layers for as long as this process lives (a build works
+        from it): a concurrent rmi/prune leaves them.  NotFound if it went meanwhile."""
+        tmp = os.path.join(self.root, "tmp")
+        with self.lock():
+            if not os.path.exists(os.path.join(self.root, "images", _hex(image.id) + ".json")):
+                raise NotFound(f"no such image: {image.id} (removed meanwhile)")
+            for d in image.diff_ids:
+                if not self.has_layer(d):
+                    raise NotFound(f"layer {d} is missing from the store")
+            for p in [f"{os.getpid()}-pinimg-{_hex(image.id)}"] + [f"{os.getpid()}-pin-{_hex(d)}" for d in image.diff_ids]:
+                p = os.path.join(tmp, p)
+                if p not in _LEASES:
+                    with open(p, "wb"):
+                        pass
+                    _LEASES.add(p)
+
+    def check_image(self, image: Image) -> None:
+        """Under the lock: *image* and all its layers are still in the store."""
+        if not os.path.exists(os.path.join(self.root, "images", _hex(image.id) + ".json")):
+            raise NotFound(f"no such image: {image.id} (removed meanwhile)")
+        for d in image.diff_ids:
+            if not self.has_layer(d):
+                raise NotFound(f"layer {d} of image {image.short_id} is missing from the store")
 
     def staging(self) -> str:
         return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=os.path.join(self.root, "tmp"))
@@ -351,14 +398,41 @@ class Store:
     def refs_of(self, image_id: str) -> list[str]:
         return sorted(r for r, i in self.refs().items() if i == image_id)
 
-    def delete_image(self, image: Image) -> None:
+    def delete_image(self, image: Image, keep=None) -> bool:
+        """Remove an image and its names.  *keep* (a function giving image ids, called
+        under the lock: e.g. those containers use) spares it: returns False."""
         with self.lock():
-            refs = {r: i for r, i in self.refs().items() if i != image.id}
-            self._write_refs(refs)
+            if keep is not None and image.id in set(keep()):
+                return False
+            refs = self.refs()
+            if any(i == image.id for i in refs.values()):
+                self._write_refs({r: i for r, i in refs.items() if i != image.id})
             try:
                 os.unlink(os.path.join(self.root, "images", _hex(image.id) + ".json"))
             except FileNotFoundError:
                 pass
+        return True
+
+    def remove_image(self, image: Image, users, force: bool) -> tuple[list[str], bool]:
+        """rmi in one locked step: *users()* (under the lock) are the containers using
+        it; with some and not *force*: Conflict, nothing changed.  Returns (the names
+        removed, whether the image itself went; not while a container uses it)."""
+        with self.lock():
+            using = users()
+            if using and not force:
+                raise ImageInUse(using[0])
+            refs = self.refs()
+            gone = sorted(r for r, i in refs.items() if i == image.id)
+            if gone:
+                self._write_refs({r: i for r, i in refs.items() if i != image.id})
+            if using:
+                return gone, False
+            try:
+                os.unlink(os.path.join(self.root, "images", _hex(image.id) + ".json"))
+            except FileNotFoundError:
+                if not gone:
+                    raise NotFound(f"no such image: {image.id}") from None
+        return gone, True
 
     def gc_layers(self, keep) -> list[str]:
         """Remove layers no image uses, nor *keep* (a set, or a function giving one, called
