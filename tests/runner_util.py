@@ -203,6 +203,18 @@ class UF:
 # -- a scripted terminal ---------------------------------------------------------------------
 
 
+def busybox_store(base: Path) -> "UF":
+    """A store under *base* with Debian's busybox-static imported as `busybox`
+    (`.tar` keeps the rootfs tar's path)."""
+    tar = base / "busybox.tar"
+    subprocess.run(["bash", str(REPO / "scripts" / "busybox-rootfs.sh"), str(tar)], check=True,
+                   capture_output=True)
+    u = UF(base / "store")
+    u.ok("import", str(tar), "busybox")
+    u.tar = str(tar)
+    return u
+
+
 class Pty:
     """`unionfuse run -it ...` on a fresh pseudo-terminal (the CLI as session leader with
     the pty as its controlling terminal, window size set before it starts)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from runner_util import UF, mount_points
+from runner_util import UF, busybox_store, mount_points
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 
@@ -333,11 +333,7 @@ def test_full_upper_gives_enospc_and_loses_nothing(mounts, dirs, tmp_path):
 @pytest.fixture(scope="module")
 def uf(tmp_path_factory) -> UF:
     base = tmp_path_factory.mktemp("faults")
-    tar = base / "busybox.tar"
-    subprocess.run(["bash", str(REPO / "scripts" / "busybox-rootfs.sh"), str(tar)], check=True,
-                   capture_output=True)
-    u = UF(base / "store")
-    u.ok("import", str(tar), "busybox")
+    u = busybox_store(base)
     yield u
     for cid in u.cids():
         u.cleanup(cid)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runner_util import REPO, UF, Pty, alive, daemons_for, is_mounted, runtime_id, runtime_ids
+from runner_util import UF, Pty, alive, busybox_store, daemons_for, is_mounted, runtime_id, runtime_ids
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root")
 
@@ -31,12 +31,7 @@ ID64 = re.compile(r"^[0-9a-f]{64}$")
 @pytest.fixture(scope="module")
 def uf(tmp_path_factory) -> UF:
     base = tmp_path_factory.mktemp("runner")
-    tar = base / "busybox.tar"
-    subprocess.run(["bash", str(REPO / "scripts" / "busybox-rootfs.sh"), str(tar)], check=True,
-                   capture_output=True)
-    u = UF(base / "store")
-    u.ok("import", str(tar), "busybox")
-    u.tar = str(tar)
+    u = busybox_store(base)
     # an image with a second layer of known files for the diff cases
     u.ok("run", "--name", "mkbase", "busybox", "sh", "-c",
          "mkdir -p /d /od /rn/sub && echo k > /d/keep && echo c > /d/change && echo x > /d/del"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runner_util import REPO, UF, mount_points
+from runner_util import REPO, UF, busybox_store, mount_points
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root")
 
@@ -25,12 +25,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="containers need root"
 @pytest.fixture(scope="module")
 def uf(tmp_path_factory) -> UF:
     base = tmp_path_factory.mktemp("races")
-    tar = base / "busybox.tar"
-    subprocess.run(["bash", str(REPO / "scripts" / "busybox-rootfs.sh"), str(tar)], check=True,
-                   capture_output=True)
-    u = UF(base / "store")
-    u.ok("import", str(tar), "busybox")
-    u.tar = str(tar)
+    u = busybox_store(base)
     yield u
     for cid in u.cids():
         u.cleanup(cid)

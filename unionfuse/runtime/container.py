@@ -313,19 +313,30 @@ class Containers:
 
         @contextlib.contextmanager
         def cm():
+            fd = self._lock_use(c, fcntl.LOCK_SH)
             try:
-                fd = os.open(c.path("use"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except FileNotFoundError:
-                raise NotFound(f"no such container: {c.name}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                if not os.path.exists(c.path("container.json")):
-                    raise NotFound(f"no such container: {c.name}")
                 yield c.reload()
             finally:
                 os.close(fd)
 
         return cm()
+
+    @staticmethod
+    def _lock_use(c: Container, mode: int) -> int:
+        """Take the container's "use" lock (shared: reading its layer; exclusive: rm) and
+        return its fd; NotFound if the container is gone, or went while we waited."""
+        try:
+            fd = os.open(c.path("use"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise NotFound(f"no such container: {c.name}") from None
+        try:
+            fcntl.flock(fd, mode)
+            if not os.path.exists(c.path("container.json")):
+                raise NotFound(f"no such container: {c.name}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # -- state ----------------------------------------------------------------------------
 
@@ -356,14 +367,8 @@ class Containers:
 
     def remove(self, c: Container, force: bool = False) -> None:
         self.release(c)  # (its creator removing it: e.g. run --rm after a failed start)
-        try:  # a commit/diff reading its layer finishes first
-            use = os.open(c.path("use"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
-            raise NotFound(f"no such container: {c.name}") from None
+        use = self._lock_use(c, fcntl.LOCK_EX)  # a commit/diff reading its layer finishes first
         try:
-            fcntl.flock(use, fcntl.LOCK_EX)
-            if not os.path.exists(c.path("container.json")):
-                raise NotFound(f"no such container: {c.name}")  # removed meanwhile
             c.reload()
             self.refresh(c)
             if c.state == "running":
